@@ -1,0 +1,41 @@
+"""The `lapa` command: one sub-command per arrow of the data flow (see README.md).
+
+Each sub-command lives in its own module as `main(argv) -> int`; this file only dispatches, so
+`lapa --help` stays fast and a broken optional dependency breaks only its own command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    # name: (module, one-line help)
+    'world': ('lapa_jax.envs.writer', 'write built-in tabletop world episodes as an RLDS dataset'),
+    'train': ('lapa_jax.train.loop', 'train a stage: lapa train configs/<stage>.py:<preset> --workdir DIR'),
+}
+
+
+def usage() -> str:
+  width = max(len(n) for n in COMMANDS)
+  lines = ['usage: lapa <command> [args]', '', 'commands:']
+  lines += [f'  {name:<{width}}  {help_}' for name, (_, help_) in COMMANDS.items()]
+  lines += ['', "run 'lapa <command> --help' for a command's arguments"]
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] in ('-h', '--help', 'help'):
+    print(usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"lapa: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+    return 2
+  module = importlib.import_module(COMMANDS[name][0])
+  return int(module.main(rest) or 0)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Installs into .venv if needed and runs the test suite (CPU only). Extra args go to pytest.
+source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
+python -m pytest tests "$@"

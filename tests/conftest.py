@@ -1,0 +1,30 @@
+"""Shared test setup: 8 simulated CPU devices, the ../shared fixtures, quiet TensorFlow."""
+
+import os
+import pathlib
+
+# Must happen before jax is imported anywhere: tests of sharding need 8 devices on a CPU.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('LAPA_SHARED', REPO.parent / 'shared'))
+BRIDGE_DIR = SHARED / 'data' / 'bridge_debug' / 'bridge_dataset' / '1.0.0'
+OFFICIAL_LAQ_DIR = SHARED / 'fixtures' / 'official_laq'
+
+
+@pytest.fixture(scope='session')
+def bridge_dir() -> pathlib.Path:
+  if not BRIDGE_DIR.is_dir():
+    pytest.skip(f'real Bridge episodes not found at {BRIDGE_DIR}')
+  return BRIDGE_DIR
+
+
+@pytest.fixture(scope='session')
+def official_laq_dir() -> pathlib.Path:
+  if not OFFICIAL_LAQ_DIR.is_dir():
+    pytest.skip(f'official LAQ fixtures not found at {OFFICIAL_LAQ_DIR}')
+  return OFFICIAL_LAQ_DIR
