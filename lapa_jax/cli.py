@@ -7,6 +7,7 @@ Each sub-command lives in its own module as `main(argv) -> int`; this file only 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"lapa: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     return 2
+  if os.environ.get('LAPA_DISTRIBUTED') == '1':
+    # Set by launch/tpu_pod.sh and launch/slurm_gpu.sh: the cluster is auto-detected (TPU, SLURM).
+    import jax
+    jax.distributed.initialize()
   module = importlib.import_module(COMMANDS[name][0])
   return int(module.main(rest) or 0)
 
