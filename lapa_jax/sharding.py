@@ -39,16 +39,19 @@ def parse_mesh_dim(mesh_dim: str, device_count: int) -> tuple[int, ...]:
   try:
     dims = [int(d) for d in mesh_dim.lstrip('!').split(',')]
   except ValueError:
-    raise ValueError(f"mesh_dim {mesh_dim!r}: expected comma-separated integers like '1,-1,1'") from None
+    raise ValueError(f"mesh_dim {mesh_dim!r}: expected comma-separated integers like '1,-1,1' "
+                     f'({device_count} devices available)') from None
   if len(dims) == 4:
     if dims[3] != 1:
-      raise ValueError(f'mesh_dim {mesh_dim!r}: the sp axis (4th entry) must be 1; '
-                       'lapa_jax shards sequences of a few hundred tokens without ring attention')
+      raise ValueError(f'mesh_dim {mesh_dim!r}: the sp axis (4th entry) must be 1; lapa_jax shards '
+                       f'sequences of a few hundred tokens without ring attention ({device_count} devices available)')
     dims = dims[:3]
   if len(dims) != len(MESH_AXES):
-    raise ValueError(f'mesh_dim {mesh_dim!r}: expected {len(MESH_AXES)} entries for axes {MESH_AXES}')
+    raise ValueError(f'mesh_dim {mesh_dim!r}: expected {len(MESH_AXES)} entries for axes {MESH_AXES} '
+                     f'({device_count} devices available)')
   if dims.count(-1) > 1 or any(d == 0 or d < -1 for d in dims):
-    raise ValueError(f'mesh_dim {mesh_dim!r}: entries must be positive, with at most one -1')
+    raise ValueError(f'mesh_dim {mesh_dim!r}: entries must be positive, with at most one -1 '
+                     f'({device_count} devices available)')
   known = int(np.prod([d for d in dims if d != -1]))
   if -1 in dims:
     if device_count % known:

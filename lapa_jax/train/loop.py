@@ -1,0 +1,305 @@
+"""The generic train loop. A stage gives init, loss and data; this file does everything else.
+
+    lapa train configs/<stage>.py:<preset> --workdir DIR [--config.a.b=value ...]
+
+Read top to bottom: resolved config -> mesh -> optimizer -> sharded state (fresh or restored with its
+data position) -> jitted, donating update step -> loop with logging (one step late, so the host never
+waits for the step it just dispatched), evaluation, checkpoints and preemption.
+
+Step numbers count completed updates: the checkpoint and the metrics of step `s` describe the state
+after `s` updates and the data iterator after `s` batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax.experimental import multihost_utils
+
+from lapa_jax import checkpoint
+from lapa_jax import config as config_lib
+from lapa_jax import metrics
+from lapa_jax import sharding
+from lapa_jax.train import optim
+
+# Fields every stage config has (see CONTRACTS.md); checked before any work starts.
+REQUIRED_FIELDS = ('stage', 'seed', 'mesh_dim', 'batch_size', 'total_steps', 'log_every', 'eval_every',
+                   'checkpoint_every', 'keep_checkpoints', 'dtype', 'optim', 'model', 'data')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array         # () int32: completed updates
+  params: Any
+  opt_state: Any          # optax state of optim.make_optimizer(config.optim, config.total_steps)
+  model_state: Any        # non-trained state, e.g. codebook usage ({} if none)
+  rng: jax.Array          # (2,) uint32 base key; step `s` uses fold_in(rng, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """What a training objective provides; see CONTRACTS.md for the exact signatures.
+
+  init(rng) -> {'params', 'model_state'}; leaves may be nn.LogicallyPartitioned. Pure.
+  loss_fn(params, model_state, batch, rng, step) -> (loss, (metrics, new_model_state)). Pure; batch
+    holds global arrays sharded on the batch axis; metrics are scalars over the global batch.
+  train_data(process_index, process_count) -> iterator of host-local numpy batches with
+    get_state() / set_state(); non-numeric fields (e.g. instruction strings) stay on the host.
+    get_state() must be a position that is the same on every process: checkpoints keep process 0's.
+  after_update(state) -> (state, extra_metrics); runs inside the jitted step after the update.
+  evaluate(state, step, writer) -> scalars; runs on every process under sharding.use_mesh(mesh)
+    (`jax.sharding.get_mesh()` gives the mesh) every `eval_every` steps and at the end.
+  """
+  init: Callable[[jax.Array], dict]
+  loss_fn: Callable[..., tuple]
+  train_data: Callable[[int, int], Any]
+  after_update: Callable[[TrainState], tuple[TrainState, dict]] | None = None
+  evaluate: Callable[[TrainState, int, metrics.MetricWriter], dict] | None = None
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """One-line errors for a config the loop cannot run, before any work starts."""
+  missing = [name for name in REQUIRED_FIELDS if name not in config]
+  if missing:
+    raise KeyError(f'config: missing field(s) {", ".join(missing)} '
+                   f'(every stage config has {", ".join(REQUIRED_FIELDS)})')
+  for name in ('batch_size', 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if int(config[name]) < 1:
+      raise ValueError(f'config field {name}: expected a positive integer, got {config[name]!r}')
+
+
+class _Preemption:
+  """Turns SIGTERM into a stop at an agreed step.
+
+  One process: a signal handler sets a flag that the loop checks after every step. Several
+  processes: JAX's preemption service (started by jax.distributed.initialize) catches the signal and
+  agrees on the step at which every process stops, so all of them save the same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # The preemption service is disabled (jax_enable_preemption_service).
+      return False
+
+
+def _say(message: str) -> None:
+  if jax.process_index() == 0:
+    tqdm.tqdm.write(message, file=sys.stderr)
+
+
+def _device_fields(local_batch: dict) -> dict:
+  """The numeric fields of a host batch; strings and objects never go to the devices."""
+  return {name: value for name, value in local_batch.items() if np.asarray(value).dtype.kind in 'biuf'}
+
+
+def _next_batch(data, config: ml_collections.ConfigDict, step: int) -> dict:
+  """The next host batch's numeric fields, checked against the configured batch size."""
+  try:
+    local_batch = _device_fields(next(data))
+  except StopIteration:
+    raise ValueError(f'{config.stage} data: the iterator ran out after {step} steps, before '
+                     f'total_steps {config.total_steps}') from None
+  leading = {np.asarray(value).shape[0] for value in local_batch.values()}
+  if leading != {config.batch_size // jax.process_count()}:
+    raise ValueError(f'{config.stage} data: host batch has leading sizes {sorted(leading)}, expected '
+                     f'batch_size {config.batch_size} / {jax.process_count()} process(es)')
+  return local_batch
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devices=None) -> TrainState:
+  """Trains `stage` to `config.total_steps` in `workdir`, resuming from its latest checkpoint.
+
+  `devices` (default: all) is for tests that compare meshes of different sizes in one process.
+  Returns the final state; on SIGTERM returns early after checkpointing the current step.
+  """
+  check_config(config)
+  # Random draws then depend only on the key and the shape, not on how the mesh splits them.
+  jax.config.update('jax_threefry_partitionable', True)
+  if jax.process_index() == 0:
+    config_lib.save(config, workdir)
+
+  # ----- Mesh, optimizer, data ---------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh_dim, devices)
+  data_parallel = sharding.data_parallel_size(mesh)
+  if config.batch_size % data_parallel:
+    raise ValueError(f'config field batch_size: {config.batch_size} is not divisible by the {data_parallel} '
+                     f'data-parallel devices of mesh_dim {config.mesh_dim!r} (dp x fsdp)')
+  optimizer = optim.make_optimizer(config.optim, config.total_steps)
+  schedule = optim.make_schedule(config.optim, config.total_steps)
+  checkpoints = checkpoint.Checkpointer(checkpoint.directory_in(workdir), save_every=config.checkpoint_every,
+                                        keep=config.keep_checkpoints)
+  data = stage.train_data(jax.process_index(), jax.process_count())
+
+  # ----- State: created sharded, or restored onto this mesh ------------------------------------
+  def init_state() -> TrainState:
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = stage.init(init_rng)
+    # Optax maps over the boxed params, so the moments inherit their logical axes.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                      opt_state=optimizer.init(variables['params']), model_state=variables['model_state'],
+                      rng=train_rng)
+
+  start_step = checkpoints.latest_step() or 0
+  with sharding.use_mesh(mesh):
+    if start_step:
+      target = checkpoint.restore_target(init_state, mesh)
+      state_shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
+      state, data_state = checkpoints.restore(target)
+      data.set_state(data_state)
+      _say(f'resumed from step {start_step} in {checkpoints.directory}')
+    else:
+      state, state_shardings = sharding.create_sharded(init_state, mesh)
+  param_count = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+  _say(f'{config.stage}: {param_count:,} params; mesh {dict(mesh.shape)}; {jax.process_count()} process(es)')
+
+  # ----- Update step ---------------------------------------------------------------------------
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_of(params):
+      return stage.loss_fn(params, state.model_state, batch, rng, state.step)
+
+    (loss, (step_metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = {'loss': loss, 'learning_rate': schedule(state.step), 'grad_norm': optax.tree.norm(grads),
+                    'param_norm': optax.tree.norm(params), **step_metrics}
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
+    if stage.after_update is not None:
+      state, extra_metrics = stage.after_update(state)
+      step_metrics.update(extra_metrics)
+    return state, step_metrics
+
+  def compile_step(batch: dict):
+    batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+  # ----- Logging, evaluation -------------------------------------------------------------------
+  writer = metrics.MetricWriter(workdir)
+  bar = metrics.progress_bar(config.total_steps, initial=start_step)
+  clock = {'time': time.perf_counter(), 'step': start_step}
+
+  def log(step: int, device_metrics: dict) -> None:
+    values = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
+    bad = sorted(name for name, value in values.items() if not np.isfinite(value))
+    if bad:
+      raise FloatingPointError(f'step {step}: {", ".join(bad)} became non-finite '
+                               f'({", ".join(f"{n}={values[n]}" for n in bad)}); the run stops here')
+    now = time.perf_counter()
+    steps_per_second = (step - clock['step']) / max(now - clock['time'], 1e-9)
+    clock.update(time=now, step=step)
+    values.update(steps_per_second=steps_per_second, examples_per_second=steps_per_second * config.batch_size)
+    writer.write_scalars(step, values)
+    bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+
+  def evaluate(step: int, state: TrainState) -> None:
+    if stage.evaluate is None:
+      return
+    results = stage.evaluate(state, step, writer)
+    writer.write_scalars(step, {f'eval/{name}': value for name, value in results.items()})
+    _say(f'step {step}: eval ' + ', '.join(f'{name}={float(value):.5g}' for name, value in results.items()))
+
+  # ----- Train loop ----------------------------------------------------------------------------
+  pending = []  # (step, device metrics) of the last log step: read once the next step is queued.
+
+  def flush() -> None:
+    while pending:
+      log(*pending.pop())
+
+  step, step_fn, preempted = start_step, None, False
+  try:
+    with sharding.use_mesh(mesh), _Preemption() as preemption:
+      while step < config.total_steps:
+        batch = sharding.global_batch(mesh, _next_batch(data, config, step))
+        step_fn = step_fn or compile_step(batch)
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        bar.update()
+        flush()
+        if step % config.log_every == 0 or step == config.total_steps:
+          pending.append((step, step_metrics))
+        if checkpoints.should_save(step):
+          checkpoints.save(step, state, data.get_state())
+        if preemption.reached(step):
+          preempted = True
+          break
+        if config.eval_every > 0 and step % config.eval_every == 0 and step < config.total_steps:
+          flush()
+          evaluate(step, state)
+      flush()
+      if step > start_step:
+        checkpoints.save(step, state, data.get_state(), force=True)
+        if preempted:
+          _say(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
+        else:
+          evaluate(step, state)
+  finally:
+    bar.close()
+    checkpoints.close()
+    writer.close()
+  return state
+
+
+def main(argv: list[str]) -> int:
+  """`lapa train configs/<stage>.py:<preset> --workdir DIR [--config.a.b=value ...]`."""
+  overrides, rest = config_lib.split_overrides(argv)
+  parser = argparse.ArgumentParser(
+      prog='lapa train', description='Train a stage; resumes when WORKDIR holds a checkpoint.',
+      epilog='Any config field can be overridden with --config.<field>=<value>, e.g. --config.optim.lr=3e-4. '
+             'Multi-host: LAPA_DISTRIBUTED=1 (set by the launch scripts) calls jax.distributed.initialize().')
+  parser.add_argument('config', metavar='CONFIG', help='configs/<stage>.py:<preset>, e.g. configs/toy.py:tiny')
+  parser.add_argument('--workdir', required=True, help='directory for the config, metrics and checkpoints')
+  args = parser.parse_args(rest)
+  try:
+    config = config_lib.load(args.config, overrides)
+    check_config(config)
+  except (FileNotFoundError, AttributeError, KeyError, ValueError) as error:
+    parser.error(error.args[0] if isinstance(error, KeyError) else str(error))
+  module_name = f'lapa_jax.train.{config.stage}'
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as error:
+    if error.name != module_name:
+      raise
+    parser.error(f'config field stage: {config.stage!r} has no module {module_name}')
+  train(config, args.workdir, module.make_stage(config))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
