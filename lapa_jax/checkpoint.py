@@ -10,7 +10,7 @@ Restoring takes a target of `jax.ShapeDtypeStruct`s that carry shardings
 saved on one mesh restores onto any other mesh or process count.
 
 Every process must call `save` and `restore` (orbax coordinates them); the JSON item is written by
-process 0, so an iterator's state must be the same on every process (a position, not content).
+process 0, so the caller passes every process's position (see `train.loop`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ def test_trained_state_restores_onto_another_mesh(tmp_path):
   with checkpoint.Checkpointer(checkpoint.directory_in(str(tmp_path)), read_only=True) as checkpoints:
     assert checkpoints.latest_step() == 3
     restored, data_state = checkpoints.restore(target)
-  assert data_state == {'position': 3}
+  assert data_state == {'0': {'position': 3}}  # one position per process
   assert int(restored.step) == 3
 
   saved_leaves = jax.tree.leaves(trained)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import signal
 import sys
 import threading
@@ -59,7 +60,7 @@ class Stage:
     holds global arrays sharded on the batch axis; metrics are scalars over the global batch.
   train_data(process_index, process_count) -> iterator of host-local numpy batches with
     get_state() / set_state(); non-numeric fields (e.g. instruction strings) stay on the host.
-    get_state() must be a position that is the same on every process: checkpoints keep process 0's.
+    Each process reads its own slice, so checkpoints keep every process's position.
   after_update(state) -> (state, extra_metrics); runs inside the jitted step after the update.
   evaluate(state, step, writer) -> scalars; runs on every process under sharding.use_mesh(mesh)
     (`jax.sharding.get_mesh()` gives the mesh) every `eval_every` steps and at the end.
@@ -121,6 +122,28 @@ def _say(message: str) -> None:
     tqdm.tqdm.write(message, file=sys.stderr)
 
 
+def _data_positions(data) -> dict:
+  """Every process's data position keyed by process index: slices differ in size, so processes
+  reach their epoch ends at different steps and one position cannot stand for all."""
+  local = data.get_state()
+  if jax.process_count() == 1:
+    return {'0': local}
+  encoded = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([encoded.size])).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:encoded.size] = encoded
+  rows = multihost_utils.process_allgather(padded)
+  return {str(index): json.loads(bytes(row[:length])) for index, (row, length) in enumerate(zip(rows, lengths))}
+
+
+def _restore_data_position(data, positions: dict) -> None:
+  if len(positions) != jax.process_count():
+    _say(f'warning: the checkpoint holds data positions of {len(positions)} process(es), this run has '
+         f'{jax.process_count()}; the data starts from the beginning (the model state is restored)')
+    return
+  data.set_state(positions[str(jax.process_index())])
+
+
 def _device_fields(local_batch: dict) -> dict:
   """The numeric fields of a host batch; strings and objects never go to the devices."""
   return {name: value for name, value in local_batch.items() if np.asarray(value).dtype.kind in 'biuf'}
@@ -179,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
       target = checkpoint.restore_target(init_state, mesh)
       state_shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
       state, data_state = checkpoints.restore(target)
-      data.set_state(data_state)
+      _restore_data_position(data, data_state)
       _say(f'resumed from step {start_step} in {checkpoints.directory}')
     else:
       state, state_shardings = sharding.create_sharded(init_state, mesh)
@@ -254,7 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
         if step % config.log_every == 0 or step == config.total_steps:
           pending.append((step, step_metrics))
         if checkpoints.should_save(step):
-          checkpoints.save(step, state, data.get_state())
+          checkpoints.save(step, state, _data_positions(data))
         if preemption.reached(step):
           preempted = True
           break
@@ -263,7 +286,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
           evaluate(step, state)
       flush()
       if step > start_step:
-        checkpoints.save(step, state, data.get_state(), force=True)
+        checkpoints.save(step, state, _data_positions(data), force=True)
         if preempted:
           _say(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
         else:

@@ -1,0 +1,178 @@
+"""Open and read RLDS datasets (Open-X layout) from local or gs:// directories, offline.
+
+    builder = open_builder('/data/oxe/bridge_dataset')        # or '.../bridge_dataset/1.0.0'
+    image_keys(builder)                                      # ['observation/image_0', ...]
+    ds = episodes(builder, 'train', process_index=0, process_count=2)
+
+Datasets are opened with `tfds.builder_from_directory(<dir>/<name>/<version>)`, never by registered
+name: on TFDS >= 4.9.4 the Open-X names are registered builders that fetch their metadata from GCS
+and fail offline (tensorflow/datasets#5203). Episodes keep their images encoded (JPEG/PNG bytes) so
+that callers can shuffle cheaply and decode only what they use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# The data pipeline runs on the host CPU; TF must not reserve accelerator memory that JAX needs.
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF already initialised its devices; nothing left to hide.
+  pass
+
+REQUIRED_FILES = ('dataset_info.json', 'features.json')
+STEPS = 'steps'
+
+
+class DataError(ValueError):
+  """Bad dataset input (path, split, key, offset); the message is one line naming what was expected."""
+
+
+def resolve_version_dir(path: str | os.PathLike) -> str:
+  """`<dir>/<name>/<version>` for `path`, which is that directory or its parent `<dir>/<name>`.
+
+  For a parent directory the highest version found on disk is used (a version string like '1.0.0').
+  """
+  path = os.fspath(path).rstrip('/')
+  if not tf.io.gfile.isdir(path):
+    raise DataError(f'{path}: no such directory (expected an RLDS dataset <dir>/<name>/<version>)')
+  names = tf.io.gfile.listdir(path)
+  if not any(name in names for name in REQUIRED_FILES):
+    versions = [n.rstrip('/') for n in names if tfds.core.Version.is_valid(n.rstrip('/'))]
+    versions = [v for v in versions if tf.io.gfile.isdir(os.path.join(path, v))]
+    if not versions:
+      raise DataError(f'{path}: not a TFDS dataset (no dataset_info.json/features.json and no '
+                      'version sub-directory such as 1.0.0)')
+    path = os.path.join(path, max(versions, key=tfds.core.Version))
+    names = tf.io.gfile.listdir(path)
+  for required in REQUIRED_FILES:
+    if required not in names:
+      raise DataError(f'{path}: missing {required}; a TFDS dataset directory holds '
+                      f'{" and ".join(REQUIRED_FILES)} next to its tfrecord shards')
+  return path
+
+
+def open_builder(path: str | os.PathLike) -> tfds.core.DatasetBuilder:
+  """A read-only TFDS builder for the RLDS dataset at `path` (`<dir>/<name>[/<version>]`)."""
+  version_dir = resolve_version_dir(path)
+  try:
+    builder = tfds.builder_from_directory(version_dir)
+  except Exception as error:  # TFDS raises many types for corrupt metadata; report them alike.
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise DataError(f'{version_dir}: cannot read the TFDS metadata: {first_line}') from error
+  features = builder.info.features
+  if STEPS not in features or not isinstance(features[STEPS], tfds.features.Dataset):
+    raise DataError(f'{version_dir}/features.json: not an RLDS dataset (expected a top-level '
+                    f"'steps' sequence feature, found {sorted(features.keys())})")
+  return builder
+
+
+def _name(builder: tfds.core.DatasetBuilder) -> str:
+  return os.fspath(builder.data_dir)
+
+
+def check_split(builder: tfds.core.DatasetBuilder, split: str) -> int:
+  """Raises DataError unless `split` (e.g. 'train', 'val[:50%]', 'train+val') names episodes.
+
+  Returns the number of episodes in the split.
+  """
+  available = sorted(builder.info.splits.keys())
+  try:
+    count = builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as error:
+    raise DataError(f'{_name(builder)}: unknown or invalid split {split!r} '
+                    f'({str(error).splitlines()[0]}); available splits: {", ".join(available)}') from None
+  if count <= 0:
+    raise DataError(f'{_name(builder)}: split {split!r} has no episodes (empty dataset)')
+  return count
+
+
+def step_features(builder: tfds.core.DatasetBuilder) -> dict[str, tfds.features.FeatureConnector]:
+  """Every leaf feature of one step, keyed by its '/'-joined path ('observation/image_0', 'action')."""
+  leaves = {}
+
+  def visit(feature, prefix):
+    if isinstance(feature, tfds.features.FeaturesDict):
+      for key in feature.keys():
+        visit(feature[key], f'{prefix}{key}/')
+    else:
+      leaves[prefix.rstrip('/')] = feature
+
+  visit(builder.info.features[STEPS].feature, '')
+  return leaves
+
+
+def image_keys(builder: tfds.core.DatasetBuilder) -> list[str]:
+  """Paths of the 8-bit image features of a step, e.g. ['observation/image_0', 'observation/wrist']."""
+  return sorted(key for key, feature in step_features(builder).items()
+                if isinstance(feature, tfds.features.Image) and feature.dtype == tf.uint8)
+
+
+def check_image_key(builder: tfds.core.DatasetBuilder, image_key: str) -> tfds.features.Image:
+  """The Image feature at `image_key`; DataError listing the available image keys otherwise."""
+  available = image_keys(builder)
+  if image_key not in available:
+    raise DataError(f'{_name(builder)}: no image feature {image_key!r} in steps; available image keys: '
+                    f'{", ".join(available) or "none"}')
+  return step_features(builder)[image_key]
+
+
+def dataset_fps(builder: tfds.core.DatasetBuilder) -> float | None:
+  """Steps per second from the dataset's metadata.json ('fps'), None when it does not say.
+
+  Open-X datasets do not record it (see the per-dataset table of the reference); lapa_jax's own
+  writers do.
+  """
+  metadata = builder.info.metadata
+  fps = metadata.get('fps') if metadata is not None else None
+  return float(fps) if fps is not None else None
+
+
+def get_path(tree: Mapping[str, Any], path: str):
+  """`tree['a']['b']` for path 'a/b' (RLDS step fields are nested dicts)."""
+  for key in path.split('/'):
+    tree = tree[key]
+  return tree
+
+
+def process_split(split: str, process_index: int = 0, process_count: int = 1):
+  """This process's disjoint, contiguous slice of `split` (by episode); all slices cover the split."""
+  if not 0 <= process_index < process_count:
+    raise DataError(f'process_index {process_index} is not in [0, process_count={process_count})')
+  if process_count == 1:
+    return split
+  return tfds.even_splits(split, n=process_count)[process_index]
+
+
+def episodes(builder: tfds.core.DatasetBuilder, split: str, *, process_index: int = 0,
+             process_count: int = 1, shuffle_files_seed: int | None = None) -> tf.data.Dataset:
+  """Episodes of this process's slice of `split`, images still ENCODED.
+
+  Each element is {'steps': {field: (time, ...) tensors}, ...episode-level features}: step fields are
+  stacked over time (SkipDecoding), images are (time,) tf.string. Episodes come in file order, or in
+  a file order shuffled with `shuffle_files_seed`, deterministically.
+  """
+  check_split(builder, split)
+  local_split = process_split(split, process_index, process_count)
+  if builder.info.splits[local_split].num_examples <= 0:
+    raise DataError(f'{_name(builder)}: split {split!r} has no episodes for process {process_index} '
+                    f'of {process_count} (more processes than episodes)')
+  read_config = tfds.ReadConfig(
+      shuffle_seed=shuffle_files_seed,
+      shuffle_reshuffle_each_iteration=False,
+      # The caller shuffles and caches what it needs; TFDS' automatic cache of small datasets would
+      # only hold every decoded-on-read episode in RAM a second time.
+      try_autocache=False,
+      skip_prefetch=True)
+  dataset = builder.as_dataset(
+      split=local_split,
+      shuffle_files=shuffle_files_seed is not None,
+      decoders={STEPS: tfds.decode.SkipDecoding()},
+      read_config=read_config)
+  options = tf.data.Options()
+  options.deterministic = True
+  return dataset.with_options(options)
