@@ -14,6 +14,9 @@ COMMANDS = {
     # name: (module, one-line help)
     'world': ('lapa_jax.envs.writer', 'write built-in tabletop world episodes as an RLDS dataset'),
     'train': ('lapa_jax.train.loop', 'train a stage: lapa train configs/<stage>.py:<preset> --workdir DIR'),
+    'import-videos': ('lapa_jax.data.video', 'human videos (frame folders or mp4/webm) + instructions -> RLDS'),
+    'resize-dataset': ('lapa_jax.data.resize', 'copy an RLDS dataset with its images resized: IN OUT --size 256'),
+    'inspect-data': ('lapa_jax.data.inspect', 'check a data directory: versions, keys, fps, offsets, stats, PNGs'),
 }
 
 

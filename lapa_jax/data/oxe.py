@@ -1,0 +1,448 @@
+"""Open-X Embodiment registry: where each dataset keeps its cameras, instruction and actions, its
+control frequency, and how its episodes are read and standardised (actions via standardize.py).
+
+    dataset = open_dataset('/data/oxe', 'taco_play')          # finds taco_play/<version> on disk
+    dataset.spec.frame_offset(0.6)                            # 9 steps at 15 Hz
+    reader = EpisodeReader(dataset)
+    for episode in reader.episodes(reader.segments('train')[0]):
+      episode['image'], episode['instruction'], episode['action']   # (time,) bytes, (time,), (time, 7)
+
+Facts come from ../shared/reference/openx_rlds.md (section 2) for the datasets it covers
+(`source='reference'`), otherwise from Octo's/OpenVLA's dataset configs (`source='octo'`: keys not
+checked against a real copy here; `open_dataset` checks them against features.json before reading).
+Datasets written by lapa_jax itself (human videos, the built-in world) describe themselves in a
+`lapa_spec.json` next to their features.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from lapa_jax.data import pairs  # the one rounding rule for frame offsets lives there
+from lapa_jax.data import rlds
+from lapa_jax.data import standardize as std
+
+DataError = rlds.DataError
+SPEC_FILE = 'lapa_spec.json'
+EMBODIMENTS = ('robot', 'human')
+CORRUPT_POLICIES = ('skip', 'error')
+# What TF raises on a truncated or corrupted tfrecord (bad length/CRC, or bytes that do not parse).
+READ_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError)
+_log = logging.getLogger(__name__)
+
+
+class MissingDataset(DataError):
+  """No directory for a dataset name under the data directory."""
+
+
+_RT1_ACTION = ('action/world_vector', 'action/rotation_delta', 'action/gripper_closedness_action')
+_NL = 'observation/natural_language_instruction'
+_STEP_NL = 'language_instruction'
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to read one Open-X dataset. Keys are step paths ('observation/image')."""
+  name: str
+  fps: float                          # control frequency of the raw data (Hz)
+  image_key: str                      # primary camera
+  wrist_image_key: str | None = None
+  instruction_key: str | None = _NL   # None: the dataset has no instruction
+  instruction_codes: bool = False     # instruction stored as zero-padded int32 UTF-8 codes
+  transform: std.Transform | None = None   # raw fields -> (action (time, 7), proprio); None: no actions
+  fields: tuple[str, ...] = ()        # step paths the transform reads
+  subsample: int = 1                  # keep every n-th step (done in standardisation)
+  embodiment: str = 'robot'           # 'robot' | 'human': selects the default pair offset
+  source: str = 'reference'           # where the keys come from: 'reference' | 'octo' | 'metadata'
+
+  @property
+  def effective_fps(self) -> float:
+    """Steps per second after time subsampling; frame offsets are counted at this rate."""
+    return self.fps / self.subsample
+
+  def frame_offset(self, seconds: float) -> int:
+    """Pair offset in standardised steps for `seconds`: max(1, round(seconds * effective_fps))."""
+    return pairs.resolve_frame_offset(frame_offset_seconds=seconds, fps=self.effective_fps)
+
+  def description(self) -> str:
+    """Everything that determines the standardised episodes, as text (hashed by statistics.py)."""
+    # The name and key source do not change the episodes (bridge_orig is bridge_dataset renamed).
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in ('transform', 'name', 'source')}
+    transform = inspect.getsource(self.transform) if self.transform else 'none'
+    return json.dumps(fields, sort_keys=True, default=str) + '\n' + transform
+
+
+def _spec(name, fps, image_key, transform, fields, **kwargs) -> DatasetSpec:
+  return DatasetSpec(name=name, fps=fps, image_key=image_key, transform=transform, fields=tuple(fields),
+                     **kwargs)
+
+
+def _converted(name, fps, transform, fields=('action', 'observation/state'), image_key='observation/image',
+               wrist_image_key='observation/wrist_image', **kwargs) -> DatasetSpec:
+  """The '*_converted_externally_to_rlds' template: step-level language_instruction, Tensor action."""
+  return _spec(name, fps, image_key, transform, fields, wrist_image_key=wrist_image_key,
+               instruction_key=_STEP_NL, source='octo', **kwargs)
+
+
+_SPECS = [
+    # --- datasets whose schema ../shared/reference/openx_rlds.md gives -------------------------------
+    _spec('bridge_dataset', 5, 'observation/image_0', std.bridge, ('action', 'observation/state'),
+          instruction_key=_STEP_NL),
+    _spec('bridge', 5, 'observation/image', std.bridge_oxe,
+          ('action/open_gripper', 'observation/state')),
+    _spec('fractal20220817_data', 3, 'observation/image', std.fractal,
+          _RT1_ACTION + ('observation/base_pose_tool_reached', 'observation/gripper_closed')),
+    _spec('kuka', 10, 'observation/image', std.kuka,
+          _RT1_ACTION + ('observation/clip_function_input/base_pose_tool_reached',
+                         'observation/gripper_closed')),
+    _spec('taco_play', 15, 'observation/rgb_static', std.taco_play,
+          ('action/rel_actions_world', 'observation/robot_obs'), wrist_image_key='observation/rgb_gripper'),
+    _spec('jaco_play', 10, 'observation/image', std.jaco_play,
+          ('action/world_vector', 'action/gripper_closedness_action',
+           'observation/end_effector_cartesian_pos'), wrist_image_key='observation/image_wrist'),
+    _spec('language_table', 10, 'observation/rgb', std.language_table,
+          ('action', 'observation/effector_translation'), instruction_key='observation/instruction',
+          instruction_codes=True),
+    _spec('roboturk', 10, 'observation/front_rgb', std.absolute_closedness, _RT1_ACTION),
+    _spec('berkeley_autolab_ur5', 5, 'observation/image', std.berkeley_autolab_ur5,
+          _RT1_ACTION + ('observation/robot_state',), wrist_image_key='observation/hand_image'),
+    _spec('toto', 30, 'observation/image', std.toto,
+          ('action/world_vector', 'action/rotation_delta', 'action/open_gripper', 'observation/state')),
+    _spec('viola', 20, 'observation/agentview_rgb', std.viola,
+          _RT1_ACTION + ('observation/joint_states', 'observation/gripper_states'),
+          wrist_image_key='observation/eye_in_hand_rgb'),
+    _spec('berkeley_cable_routing', 10, 'observation/image', std.cable_routing,
+          ('action/world_vector', 'action/rotation_delta', 'observation/robot_state'),
+          wrist_image_key='observation/wrist45_image'),
+    # Only a wrist camera: it serves as the primary image.
+    _spec('nyu_door_opening_surprising_effectiveness', 3, 'observation/image', std.rt1, _RT1_ACTION),
+    # --- the rest of the magic soup (keys from Octo/OpenVLA configs) --------------------------------
+    _converted('stanford_hydra_dataset_converted_externally_to_rlds', 10, std.flat_inverted),
+    _converted('austin_buds_dataset_converted_externally_to_rlds', 20, std.flat_clipped_inverted),
+    _converted('nyu_franka_play_dataset_converted_externally_to_rlds', 3, std.nyu_franka_play,
+               wrist_image_key=None),
+    _converted('furniture_bench_dataset_converted_externally_to_rlds', 10, std.furniture_bench),
+    _converted('ucsd_kitchen_dataset_converted_externally_to_rlds', 2, std.drop_last_dim, wrist_image_key=None),
+    _converted('austin_sailor_dataset_converted_externally_to_rlds', 20, std.flat_clipped_inverted),
+    _converted('austin_sirius_dataset_converted_externally_to_rlds', 20, std.flat_clipped_inverted),
+    _converted('dlr_edan_shared_control_converted_externally_to_rlds', 5, std.flat_inverted,
+               wrist_image_key=None),
+    _converted('iamlab_cmu_pickup_insert_converted_externally_to_rlds', 20, std.iamlab_pickup_insert),
+    _converted('utaustin_mutex', 20, std.flat_clipped_inverted),
+    _converted('berkeley_fanuc_manipulation', 10, std.fanuc),
+    _converted('cmu_stretch', 10, std.drop_last_dim, wrist_image_key=None),
+    _spec('bc_z', 10, 'observation/image', std.bc_z,
+          ('action/future/xyz_residual', 'action/future/axis_angle_residual', 'action/future/target_close'),
+          source='octo'),
+    _converted('fmb_dataset', 10, std.flat_open_is_one, fields=('action',),
+               image_key='observation/image_side_1', wrist_image_key='observation/image_wrist_1'),
+    _converted('dobbe', 3.75, std.flat_open_is_one, fields=('action',), image_key='observation/wrist_image',
+               wrist_image_key=None),
+]
+
+REGISTRY: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
+# OpenVLA renames bridge_dataset's directory to bridge_orig (its README); same files, same schema.
+REGISTRY['bridge_orig'] = dataclasses.replace(REGISTRY['bridge_dataset'], name='bridge_orig')
+# A mixture naming one of these also finds the dataset under the other directory name.
+DIRECTORY_ALIASES = {'bridge_dataset': ('bridge_orig',), 'bridge_orig': ('bridge_dataset',)}
+
+
+def register(spec: DatasetSpec) -> None:
+  """Adds (or replaces) a registry entry, e.g. a local dataset or a subsampled variant."""
+  REGISTRY[spec.name] = spec
+
+
+# --- opening datasets -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """An opened dataset: its registry entry, TFDS builder and the version directory found on disk."""
+  spec: DatasetSpec
+  builder: tfds.core.DatasetBuilder
+  path: str
+
+  @property
+  def version(self) -> str:
+    return str(self.builder.info.version)
+
+
+def spec_from_metadata(version_dir: str, name: str) -> DatasetSpec | None:
+  """The spec a lapa_jax writer left in `lapa_spec.json` (human videos, built-in world), or None.
+
+  File fields: fps, image_key, and optionally wrist_image_key, instruction_key (null: none),
+  embodiment ('robot'|'human'), action_key (a (7,) float tensor already in the standard layout).
+  """
+  path = os.path.join(version_dir, SPEC_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    try:
+      meta = json.load(f)
+    except json.JSONDecodeError as error:
+      raise DataError(f'{path}: not valid JSON ({error})') from None
+  for key in ('fps', 'image_key'):
+    if key not in meta:
+      raise DataError(f'{path}: missing {key!r} (expected fps, image_key and optional instruction_key, '
+                      'wrist_image_key, embodiment, action_key)')
+  if meta.get('embodiment', 'robot') not in EMBODIMENTS:
+    raise DataError(f'{path}: embodiment {meta["embodiment"]!r} is not one of {EMBODIMENTS}')
+  action_key = meta.get('action_key')
+  return DatasetSpec(
+      name=name, fps=float(meta['fps']), image_key=meta['image_key'],
+      wrist_image_key=meta.get('wrist_image_key'), instruction_key=meta.get('instruction_key'),
+      transform=std.identity7 if action_key else None, fields=(action_key,) if action_key else (),
+      embodiment=meta.get('embodiment', 'robot'), source='metadata')
+
+
+def find_dataset_dir(data_dir: str, name: str) -> str:
+  """`<data_dir>/<name>/<version>` (highest version on disk), trying directory aliases (bridge_orig)."""
+  tried = []
+  for candidate in (name,) + DIRECTORY_ALIASES.get(name, ()):
+    path = os.path.join(data_dir, candidate)
+    tried.append(path)
+    if tf.io.gfile.isdir(path):
+      return rlds.resolve_version_dir(path)
+  raise MissingDataset(f'dataset {name!r} not found: no directory {" or ".join(tried)}')
+
+
+def open_dataset(data_dir: str, name: str, *, use_wrist: bool = False) -> Dataset:
+  """Opens dataset `name` under `data_dir` and checks its features against the registry entry."""
+  path = find_dataset_dir(data_dir, name)
+  spec = spec_from_metadata(path, name) or REGISTRY.get(name)
+  if spec is None:
+    raise DataError(f'{path}: dataset {name!r} is not in the Open-X registry (lapa_jax/data/oxe.py) and '
+                    f'has no {SPEC_FILE}; known: {", ".join(sorted(REGISTRY))}')
+  builder = rlds.open_builder(path)
+  check_features(spec, builder, path, use_wrist=use_wrist)
+  return Dataset(spec=spec, builder=builder, path=path)
+
+
+def lookup(tree: Mapping[str, Any], path: str):
+  """`tree` at step path 'a/b/c'; keys may themselves contain '/' (kuka's 'clip_function_input/...')."""
+  if path in tree:
+    return tree[path]
+  parts = path.split('/')
+  for split_at in range(1, len(parts)):
+    head = '/'.join(parts[:split_at])
+    if head in tree and isinstance(tree[head], Mapping):
+      try:
+        return lookup(tree[head], '/'.join(parts[split_at:]))
+      except KeyError:
+        continue
+  raise KeyError(path)
+
+
+def _describe(feature) -> str:
+  if isinstance(feature, tfds.features.Image):
+    return f'Image{tuple(feature.shape)} {feature.np_dtype.__name__}'
+  if isinstance(feature, tfds.features.Text):
+    return 'Text'
+  return f'{type(feature).__name__}{tuple(feature.shape)} {np.dtype(feature.np_dtype).name}'
+
+
+def check_features(spec: DatasetSpec, builder, path: str, *, use_wrist: bool = False) -> None:
+  """DataError naming the first registry key that features.json lacks or types differently."""
+  features = rlds.step_features(builder)
+  where = f'{spec.name} ({path}/features.json)'
+
+  def require(key, what, ok, expected):
+    if key not in features:
+      raise DataError(f'{where}: no step feature {key!r} ({what}, registry source: {spec.source}); '
+                      f'step features: {", ".join(sorted(features))}')
+    if not ok(features[key]):
+      raise DataError(f'{where}: step feature {key!r} ({what}) is {_describe(features[key])}, expected {expected}')
+
+  is_image = lambda f: isinstance(f, tfds.features.Image) and f.np_dtype == np.uint8
+  require(spec.image_key, 'primary image', is_image, 'a uint8 Image')
+  if use_wrist and spec.wrist_image_key:
+    require(spec.wrist_image_key, 'wrist image', is_image, 'a uint8 Image')
+  if spec.instruction_key:
+    if spec.instruction_codes:
+      require(spec.instruction_key, 'instruction codes',
+              lambda f: isinstance(f, tfds.features.Tensor) and np.issubdtype(f.np_dtype, np.integer),
+              'an integer Tensor of UTF-8 codes')
+    else:
+      require(spec.instruction_key, 'instruction', lambda f: f.np_dtype == object or f.tf_dtype == tf.string,
+              'Text')
+  for key in spec.fields:
+    require(key, 'read by the action standardisation',
+            lambda f: isinstance(f, tfds.features.Tensor) and not isinstance(f, tfds.features.Image),
+            'a numeric Tensor')
+
+
+# --- reading standardised episodes ----------------------------------------------------------------
+
+def _tf_message(error: Exception) -> str:
+  """The useful part of a TF error message (without the function-node wrapper and op name)."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  text = re.sub(r'^\{\{function_node [^}]*\}\}\s*', '', text)
+  return re.sub(r"'? failed with |\s*\[Op:[^\]]*\].*$", lambda m: ': ' if 'failed' in m.group(0) else '', text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Consecutive episodes [start, stop) of a base split, all inside one shard file."""
+  base_split: str
+  start: int
+  stop: int
+  filename: str
+
+  @property
+  def size(self) -> int:
+    return self.stop - self.start
+
+  def split(self, skip: int = 0) -> str:
+    return f'{self.base_split}[{self.start + skip}:{self.stop}]'
+
+
+def segments(builder, split: str, process_index: int = 0, process_count: int = 1) -> list[Segment]:
+  """This process's disjoint slice of `split` as per-shard segments (the slices of all processes
+  cover the split: the same slicing as rlds.episodes)."""
+  base = split.split('[')[0]
+  if '+' in split or base not in builder.info.splits:
+    raise DataError(f'{builder.data_dir}: split {split!r} must be one split, optionally sliced '
+                    f'(e.g. train or train[:95%]); available: {", ".join(builder.info.splits.keys())}')
+  rlds.check_split(builder, split)
+  local = rlds.process_split(split, process_index, process_count)
+  info = builder.info.splits[base]
+  offsets = dict(zip(info.filenames, np.concatenate([[0], np.cumsum(info.shard_lengths)]).tolist()))
+  out = []
+  for instruction in builder.info.splits[local].file_instructions:
+    start = offsets[os.path.basename(instruction.filename)] + instruction.skip
+    if instruction.take > 0:
+      out.append(Segment(base, start, start + instruction.take, instruction.filename))
+  return out
+
+
+class EpisodeReader:
+  """Reads standardised episodes of one dataset, images still encoded.
+
+  An episode is {'image': (time,) bytes, 'instruction': (time,) bytes, 'action': (time, 7) float32
+  or None, 'proprio': (time, dim) float32 or None, and 'wrist_image' with use_wrist}. Only the fields
+  the registry names are kept (in the tf.data map, before anything reaches Python). A corrupted or
+  truncated shard is skipped with a counted warning (on_corrupt='skip') or stops with a DataError.
+  """
+
+  def __init__(self, dataset: Dataset, *, use_wrist: bool = False, on_corrupt: str = 'skip',
+               read_threads: int = 1):
+    if on_corrupt not in CORRUPT_POLICIES:
+      raise DataError(f'on_corrupt must be one of {CORRUPT_POLICIES}, got {on_corrupt!r}')
+    self.dataset = dataset
+    self.spec = dataset.spec
+    self.use_wrist = use_wrist and self.spec.wrist_image_key is not None
+    self.on_corrupt = on_corrupt
+    self.read_threads = max(1, int(read_threads))
+    self.corrupt_segments = 0
+    self._features = rlds.step_features(dataset.builder)
+
+  def segments(self, split: str, process_index: int = 0, process_count: int = 1) -> list[Segment]:
+    return segments(self.dataset.builder, split, process_index, process_count)
+
+  def _select(self, episode):
+    steps = episode[rlds.STEPS]
+    out = {'image': lookup(steps, self.spec.image_key)}
+    if self.use_wrist:
+      out['wrist_image'] = lookup(steps, self.spec.wrist_image_key)
+    if self.spec.instruction_key:
+      out['instruction'] = lookup(steps, self.spec.instruction_key)
+    for key in self.spec.fields:
+      value = lookup(steps, key)
+      feature = self._features[key]
+      if getattr(feature, '_encoding', None) == tfds.features.Encoding.ZLIB:
+        # SkipDecoding leaves zlib tensors as compressed bytes, one string per step.
+        value = tf.io.decode_raw(tf.io.decode_compressed(value, 'ZLIB'), feature.tf_dtype)
+        value = tf.reshape(value, [-1, *feature.shape])
+      out['field/' + key] = value
+    return out
+
+  def read(self, split: str, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+    """Selected raw fields of the episodes of `split` (an expression such as
+    'train[3:6]+train[0:3]'), in that order. TF errors of corrupt shards propagate."""
+    builder = self.dataset.builder
+    rlds.check_split(builder, split)
+    # As rlds.episodes, but one file instruction after the other: TFDS' default interleaves 16 of
+    # them in blocks of 16 episodes, which would break the segment accounting of the callers.
+    read_config = tfds.ReadConfig(interleave_cycle_length=1, skip_prefetch=True, try_autocache=False)
+    dataset = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
+                                 decoders={rlds.STEPS: tfds.decode.SkipDecoding()})
+    dataset = dataset.map(self._select, num_parallel_calls=self.read_threads, deterministic=True)
+    return dataset.prefetch(prefetch).as_numpy_iterator()
+
+  def corrupt(self, segment: Segment, read: int, error: Exception) -> None:
+    """Applies the on_corrupt policy to `error` raised while reading `segment` after `read` episodes."""
+    message = _tf_message(error)
+    if self.on_corrupt == 'error':
+      raise DataError(f'{segment.filename}: corrupted or truncated tfrecord after episode {read} of '
+                      f'{segment.size} ({message}); set on_corrupt="skip" to skip the rest of the shard') from None
+    self.corrupt_segments += 1
+    _log.warning('%s: corrupted or truncated tfrecord after episode %d of %d, skipping the rest of '
+                 'this shard (%d skipped so far): %s', segment.filename, read, segment.size,
+                 self.corrupt_segments, message)
+
+  def standardize(self, raw: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Raw selected fields of one episode -> the standardised episode."""
+    step = self.spec.subsample
+    raw = {key: value[::step] for key, value in raw.items()}
+    length = len(raw['image'])
+    episode = {'image': raw['image']}
+    if self.use_wrist:
+      episode['wrist_image'] = raw['wrist_image']
+    if 'instruction' not in raw:
+      episode['instruction'] = np.full(length, b'', dtype=object)
+    elif self.spec.instruction_codes:
+      episode['instruction'] = std.decode_instruction_codes(raw['instruction'])
+    else:
+      episode['instruction'] = raw['instruction']
+    action = proprio = None
+    if self.spec.transform is not None:
+      fields = {key[len('field/'):]: value for key, value in raw.items() if key.startswith('field/')}
+      action, proprio = self.spec.transform(fields)
+      if action.ndim != 2 or action.shape[1] != 7:
+        raise DataError(f'{self.spec.name}: standardised action has shape {action.shape}, expected (time, 7); '
+                        'the registry transform does not match this copy of the data')
+      length = len(action)  # e.g. bridge drops its last step
+      episode = {key: value[:length] for key, value in episode.items()}
+    episode['action'] = action
+    episode['proprio'] = proprio
+    return episode
+
+  def episodes(self, segment: Segment, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Standardised episodes of `segment` after the first `skip`; a corrupt rest is skipped or raised."""
+    iterator = self.read(segment.split(skip))
+    read = skip
+    while True:
+      try:
+        raw = next(iterator)
+      except StopIteration:
+        return
+      except READ_ERRORS as error:
+        self.corrupt(segment, read, error)
+        return
+      read += 1
+      yield self.standardize(raw)
+
+
+def episode_bytes(dataset: Dataset, split: str = 'train') -> float:
+  """Mean on-disk bytes of one episode of `split` (all fields), from dataset_info.json."""
+  info = dataset.builder.info.splits[split.split('[')[0]]
+  return info.num_bytes / max(1, info.num_examples)
+
+
+def default_frame_offset(spec: DatasetSpec, robot_seconds: float = 0.6, human_seconds: float = 2.4) -> int:
+  """LAQ pair offset: 0.6 s for robot data, 2.4 s for human video, at the standardised rate."""
+  seconds = human_seconds if spec.embodiment == 'human' else robot_seconds
+  if not math.isfinite(seconds) or seconds <= 0:
+    raise DataError(f'frame offset seconds must be > 0, got {seconds}')
+  return spec.frame_offset(seconds)

@@ -1,0 +1,716 @@
+"""Mixture pipelines over Open-X datasets: LAQ frame pairs and VLA step examples.
+
+    data = pipelines.default_config(); data.data_dir = '/data/oxe'; data.mixture = 'lapa_openx'
+    iterator = pipelines.pair_iterator(data, batch_size=64, seed=0, process_index=0, process_count=1)
+    batch = next(iterator)  # 'video' (64, 2, 256, 256, 3), 'instruction', 'dataset', 'frame_offset', ...
+    state = iterator.get_state()              # JSON; pipelines.pair_iterator(...).set_state(state)
+
+How samples flow (each dataset d, then the mixture):
+  1. Episode stream of d: this process's disjoint slice of the split, cut at shard boundaries into
+     segments; each epoch visits the segments in an order shuffled by (seed, d, epoch), reading
+     `cycle_length` segments round-robin. Episodes keep their images ENCODED; only the fields the
+     registry names are kept, then they are standardised (oxe.py, standardize.py).
+  2. Sample stream of d: the samples of each episode (pairs (t, t + H_d) or single steps) in an order
+     shuffled by the episode and its epoch, optionally at most `max_samples_per_episode` of them.
+  3. Blocks: block b holds `block_size` samples (the shuffle buffer, sized from the RAM budget): a
+     multinomial draw with the mixture proportions says how many come from each dataset, they are
+     taken from the sample streams and the block is permuted - shuffling encoded bytes, before decode.
+  4. Decode (tf.data, parallel, deterministic order): JPEG/PNG -> one resize of the stacked pair if
+     the stored size differs -> batch -> prefetch.
+Everything is a function of (seed, process_index, block index, stream positions), so the data
+position is small: the block, the offset inside it and each stream's position at the block start.
+Resuming re-reads one block at most. A builder thread prepares block b + 1 while block b is decoded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import dataclasses
+import logging
+import os
+import queue
+import threading
+import weakref
+import zlib
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from lapa_jax.data import mixtures
+from lapa_jax.data import oxe
+from lapa_jax.data import pairs
+from lapa_jax.data import rlds
+from lapa_jax.data import statistics
+
+DataError = oxe.DataError
+MODES = ('pairs', 'steps')
+INSTRUCTION_POLICIES = ('error', 'empty')
+NORMALIZATIONS = ('none', 'bounds_q99', 'normal')
+STATE_VERSION = 1
+_log = logging.getLogger(__name__)
+_RUNS = weakref.WeakSet()  # live pipeline runs, stopped at exit
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `data` fields of a stage config that reads an Open-X mixture."""
+  return ml_collections.ConfigDict(dict(
+      data_dir='',                      # holds <name>/<version>/ for every dataset of the mixture
+      mixture='bridge',                 # a named mixture (mixtures.NAMED_MIXTURES) or 'name:weight,...'
+      split='train',
+      skip_missing=False,               # datasets of the mixture missing on disk: error, or a warning
+      balance='transitions',            # proportions: weight x transitions | x episodes | 'none'
+      image_size=256,
+      frame_offset_seconds=0.6,         # pairs of robot data ...
+      human_frame_offset_seconds=2.4,   # ... and of human video (embodiment 'human')
+      frame_offsets='',                 # per-dataset overrides in steps, 'name:steps,...'
+      episode_end='drop',               # 'drop': no pair crosses an episode end; 'clamp': official LAQ
+      max_samples_per_episode=0,        # 0: every pair/step of an episode; else a random subset
+      missing_instruction='',           # 'error' | 'empty'; '' = 'empty' for pairs, 'error' for steps
+      action_normalization='none',      # steps: 'none' | 'bounds_q99' (gripper kept) | 'normal'
+      on_corrupt='skip',                # corrupted/truncated shard: 'skip' (counted warning) | 'error'
+      ram_budget_gb=4.0,                # host RAM the pipeline may use: sets the sizes below
+      shuffle_buffer=0,                 # samples per shuffle block; 0: from ram_budget_gb
+      decode_threads=0,                 # 0: CPU count (capped by the budget)
+      read_threads=0,                   # parse threads shared by the datasets; 0: CPU count
+      cycle_length=4,                   # shards read round-robin per dataset (capped by the budget)
+      image_dtype='float32',            # 'float32' in [0, 1] (as data/pairs.py) or 'uint8'
+      statistics_cache_dir='',          # where statistics go when the data directory is read-only
+  ))
+
+
+def _seed(*parts: int) -> np.random.Generator:
+  return np.random.default_rng([int(part) for part in parts])
+
+
+def _parse_offsets(text: str) -> dict[str, int]:
+  out = {}
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    name, _, steps = item.partition(':')
+    if not steps.strip().isdigit() or int(steps) < 1:
+      raise DataError(f'frame_offsets entry {item!r}: expected name:steps with steps >= 1')
+    out[name.strip()] = int(steps)
+  return out
+
+
+# --- per-dataset streams ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Source:
+  """One dataset of the mixture, as this process reads it."""
+  index: int
+  dataset: oxe.Dataset
+  reader: oxe.EpisodeReader
+  segments: list[oxe.Segment]
+  probability: float
+  frame_offset: int = 0
+  statistics: dict | None = None
+
+  @property
+  def name(self) -> str:
+    return self.dataset.spec.name
+
+  @property
+  def image_shape(self) -> tuple:
+    """Stored shape of the primary image, (height, width, 3); None for sizes that vary."""
+    return tuple(rlds.step_features(self.dataset.builder)[self.dataset.spec.image_key].shape)
+
+  @property
+  def key(self) -> int:
+    # Seeds use the name, not the position in the mixture, so adding a dataset leaves others' order.
+    return zlib.crc32(self.name.encode())
+
+
+class EpisodeStream:
+  """Endless, deterministic episodes of one source, read from `cycle_length` slots in turn.
+
+  Segment counter g stands for segment perm_e[g % S] of epoch e = g // S (S segments, perm_e drawn
+  from (seed, dataset, e)); slot j reads counters j, j + k, j + 2k, ... (k slots), a chunk of
+  CHUNK_SEGMENTS segments per tf.data pipeline (TFDS reads 'train[a:b]+train[c:d]+...' in order).
+  A shard found corrupt is remembered with the number of episodes readable before the damage, so
+  later epochs read only those, without the error. state(): {'slots': [[segments done, episodes
+  read in the current one], ...], 'turn': next slot, 'truncated': {segment start: readable}}.
+  """
+  CHUNK_SEGMENTS = 64
+
+  def __init__(self, source: Source, seed: int, cycle_length: int):
+    self.source = source
+    self.seed = seed
+    self.cycle_length = max(1, min(cycle_length, len(source.segments)))
+    self._permutations = {}
+    self.restore({'slots': [[0, 0] for _ in range(self.cycle_length)], 'turn': 0, 'truncated': {}})
+
+  def state(self) -> dict[str, Any]:
+    return {'slots': [list(slot) for slot in self._slots], 'turn': self._turn,
+            'truncated': {str(start): size for start, size in self._truncated.items()}}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    if len(state['slots']) != self.cycle_length:
+      raise DataError(f'{self.source.name}: saved stream has {len(state["slots"])} slots, this one '
+                      f'{self.cycle_length} (cycle_length or the RAM budget changed)')
+    self._slots = [[int(done), int(read)] for done, read in state['slots']]
+    self._turn = int(state['turn'])
+    self._truncated = {int(start): int(size) for start, size in state.get('truncated', {}).items()}
+    self._iterators = [None] * self.cycle_length
+
+  def segment(self, counter: int) -> oxe.Segment:
+    count = len(self.source.segments)
+    epoch, position = divmod(counter, count)
+    if epoch not in self._permutations:
+      if len(self._permutations) > 4:
+        self._permutations.clear()
+      self._permutations[epoch] = _seed(self.seed, self.source.key, epoch).permutation(count)
+    return self.source.segments[self._permutations[epoch][position]]
+
+  def _slot_segment(self, slot: int, done: int) -> oxe.Segment:
+    return self.segment(slot + done * self.cycle_length)
+
+  def _size(self, segment: oxe.Segment) -> int:
+    return self._truncated.get(segment.start, segment.size)
+
+  def _open(self, slot: int):
+    done, read = self._slots[slot]
+    parts = []
+    for i in range(self.CHUNK_SEGMENTS):
+      segment = self._slot_segment(slot, done + i)
+      size = self._size(segment)
+      skip = read if i == 0 else 0
+      if size > skip:
+        parts.append(f'{segment.base_split}[{segment.start + skip}:{segment.start + size}]')
+    return self.source.reader.read('+'.join(parts))
+
+  def next(self) -> tuple[dict[str, Any], int, int]:
+    """The next standardised episode, its index in the base split and its segment counter."""
+    empty = 0
+    while True:
+      slot = self._turn
+      done, read = self._slots[slot]
+      segment = self._slot_segment(slot, done)
+      size = self._size(segment)
+      if read >= size:  # a shard that is corrupt from its start: the chunk left it out too
+        empty += 1
+        if empty > len(self.source.segments) * self.cycle_length:
+          raise DataError(f'{self.source.dataset.path}: no readable episode in any shard')
+        self._slots[slot] = [done + 1, 0]
+        continue
+      if self._iterators[slot] is None:
+        self._iterators[slot] = self._open(slot)
+      try:
+        raw = next(self._iterators[slot])
+      except StopIteration:  # the chunk is done; the slot position already points past it
+        self._iterators[slot] = None
+        continue
+      except oxe.READ_ERRORS as error:
+        self.source.reader.corrupt(segment, read, error)
+        self._truncated[segment.start] = read
+        self._slots[slot] = [done + 1, 0]
+        # Other slots' chunks may hold this segment at its old size: reopen them all.
+        self._iterators = [None] * self.cycle_length
+        continue
+      empty = 0
+      read += 1
+      self._slots[slot] = [done + 1, 0] if read == size else [done, read]
+      self._turn = (slot + 1) % self.cycle_length
+      return self.source.reader.standardize(raw), segment.start + read - 1, slot + done * self.cycle_length
+
+
+class SampleStream:
+  """Samples of one source's episodes, each episode's samples in its own shuffled order."""
+
+  def __init__(self, source: Source, *, mode: str, seed: int, cycle_length: int, episode_end: str,
+               max_samples_per_episode: int):
+    self.source = source
+    self.mode = mode
+    self.seed = seed
+    self.episode_end = episode_end
+    self.max_samples = max_samples_per_episode
+    self.episodes = EpisodeStream(source, seed, cycle_length)
+    self.total_episodes = sum(segment.size for segment in source.segments)
+    self._episode = None
+    self._order = np.zeros(0, np.int64)
+    self._taken = 0
+    self._episode_state = None
+    self._skip = 0
+
+  def state(self) -> dict[str, Any]:
+    if self._episode is None or self._taken >= len(self._order):
+      return {'episode': self.episodes.state(), 'taken': self._skip}
+    return {'episode': self._episode_state, 'taken': self._taken}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    self.episodes.restore(state['episode'])
+    self._episode, self._order, self._taken = None, np.zeros(0, np.int64), 0
+    self._skip = int(state['taken'])
+
+  def _starts(self, length: int) -> np.ndarray:
+    if self.mode == 'steps':
+      return np.arange(length)
+    if self.episode_end == 'drop':
+      return np.arange(max(0, length - self.source.frame_offset))
+    return np.arange(length)
+
+  def _load_next_episode(self) -> None:
+    empty = 0
+    while True:
+      self._episode_state = self.episodes.state()
+      episode, index, counter = self.episodes.next()
+      starts = self._starts(len(episode['image']))
+      if starts.size:
+        break
+      empty += 1
+      if empty > self.total_episodes:
+        raise DataError(f'{self.source.name}: no episode has more than frame_offset '
+                        f'{self.source.frame_offset} steps; lower the offset or use episode_end="clamp"')
+    # Seeded by the episode and its epoch (via the counter): another subset each epoch.
+    order = _seed(self.seed, self.source.key, counter, index).permutation(starts)
+    if self.max_samples:
+      order = order[:self.max_samples]
+    self._episode, self._index, self._order = episode, index, order
+    self._taken, self._skip = self._skip, 0
+
+  def take(self, count: int) -> dict[str, np.ndarray]:
+    """The next `count` samples as columns: 'frames' ((count, 2) pairs x_t, x_t+H, or (count,) steps;
+    encoded bytes), 'instruction', 'episode_index', and 'frame_offset' (pairs) or 'action' (steps)."""
+    parts = []
+    taken = 0
+    while taken < count:
+      if self._episode is None or self._taken >= len(self._order):
+        self._load_next_episode()
+        continue
+      chosen = self._order[self._taken:self._taken + count - taken]
+      self._taken += len(chosen)
+      taken += len(chosen)
+      images = self._episode['image']
+      part = {'instruction': self._episode['instruction'][chosen],
+              'episode_index': np.full(len(chosen), self._index, np.int64)}
+      if self.mode == 'pairs':
+        second = np.minimum(chosen + self.source.frame_offset, len(images) - 1)
+        part['frames'] = np.stack([images[chosen], images[second]], axis=1)
+        part['frame_offset'] = (second - chosen).astype(np.int32)
+      else:
+        part['frames'] = images[chosen]
+        part['action'] = self._episode['action'][chosen]
+      parts.append(part)
+    return concat(parts)
+
+
+def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+# --- the mixture iterator --------------------------------------------------------------------------
+
+class Mixture:
+  """The fixed part of a mixture pipeline - its sources, sizes, block building and decoding - shared
+  by a MixtureIterator and its builder thread (which must not keep the iterator alive)."""
+
+  def __init__(self, sources: list[Source], *, mode: str, batch_size: int, seed: int, process_index: int,
+               process_count: int, image_size: int, image_dtype: str, block_size: int, decode_threads: int,
+               cycle_length: int, episode_end: str, max_samples_per_episode: int,
+               action_normalization: str, autotune_ram_budget: int):
+    self.sources = sources
+    self.mode = mode
+    self.batch_size = batch_size
+    self.seed = seed
+    self.process_index = process_index
+    self.process_count = process_count
+    self.image_size = image_size
+    self.image_dtype = image_dtype
+    self.block_size = block_size
+    self.decode_threads = decode_threads
+    self.cycle_length = cycle_length
+    self.episode_end = episode_end
+    self.max_samples_per_episode = max_samples_per_episode
+    self.action_normalization = action_normalization
+    self.autotune_ram_budget = autotune_ram_budget
+    self.probabilities = np.array([source.probability for source in sources])
+    self.names = np.array([source.name.encode() for source in sources], dtype=object)
+    # Stored at the output size (pre-resized copies): decoding is all there is to do.
+    self.needs_resize = any(tuple(source.image_shape[:2]) != (image_size, image_size) for source in sources)
+    self._normalizers = [self._normalizer(source) for source in sources]
+
+  def new_streams(self) -> list[SampleStream]:
+    return [SampleStream(source, mode=self.mode, seed=self.seed, cycle_length=self.cycle_length,
+                         episode_end=self.episode_end, max_samples_per_episode=self.max_samples_per_episode)
+            for source in self.sources]
+
+  def build_block(self, block: int, streams: list[SampleStream]) -> dict[str, np.ndarray]:
+    """Block `block` as columns: per-dataset counts from a multinomial draw, then one permutation."""
+    counts = _seed(self.seed, self.process_index, block, 0).multinomial(self.block_size, self.probabilities)
+    parts = []
+    for source, stream, count in zip(self.sources, streams, counts):
+      if count:
+        part = stream.take(int(count))
+        part['dataset_index'] = np.full(count, source.index, np.int32)
+        parts.append(part)
+    order = _seed(self.seed, self.process_index, block, 1).permutation(self.block_size)
+    return {key: value[order] for key, value in concat(parts).items()}
+
+  def _normalizer(self, source: Source):
+    if self.mode != 'steps' or self.action_normalization == 'none':
+      return None
+    action = source.statistics['action']
+    mask = np.ones(7, bool)
+    mask[-1] = False  # the gripper stays 0/1
+    if self.action_normalization == 'normal':
+      mean, std = np.asarray(action['mean'], np.float32), np.asarray(action['std'], np.float32)
+      return lambda a: np.where(mask, (a - mean) / (std + 1e-8), a)
+    low, high = np.asarray(action['q01'], np.float32), np.asarray(action['q99'], np.float32)
+    scaled = lambda a: np.clip(2 * (a - low) / (high - low + 1e-8) - 1, -1, 1)
+    return lambda a: np.where(mask & (high > low), scaled(a), np.where(mask, 0.0, a)).astype(np.float32)
+
+  def encode_batch(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The encoded batch handed to tf.data (actions normalised per dataset when configured)."""
+    if self.mode == 'steps':
+      actions = columns['action'].astype(np.float32)
+      for index, normalize in enumerate(self._normalizers):
+        rows = columns['dataset_index'] == index
+        if normalize is not None and rows.any():
+          actions[rows] = normalize(actions[rows])
+      columns = {**columns, 'action': actions}
+    return columns
+
+  def signature(self) -> dict[str, tf.TensorSpec]:
+    batch = self.batch_size
+    spec = {'frames': tf.TensorSpec((batch, 2) if self.mode == 'pairs' else (batch,), tf.string),
+            'instruction': tf.TensorSpec((batch,), tf.string),
+            'episode_index': tf.TensorSpec((batch,), tf.int64),
+            'dataset_index': tf.TensorSpec((batch,), tf.int32)}
+    if self.mode == 'pairs':
+      spec['frame_offset'] = tf.TensorSpec((batch,), tf.int32)
+    else:
+      spec['action'] = tf.TensorSpec((batch, 7), tf.float32)
+    return spec
+
+  @property
+  def image_name(self) -> str:
+    return 'video' if self.mode == 'pairs' else 'image'
+
+  def decode(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """One encoded sample -> uint8 frames at image_size (resized only if stored at another size)."""
+    size = [self.image_size, self.image_size]
+
+    def frame(encoded):
+      image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+      image.set_shape([None, None, 3])
+      return image
+
+    frames = example.pop('frames')
+    images = tf.stack([frame(frames[0]), frame(frames[1])]) if self.mode == 'pairs' else frame(frames)
+    if self.needs_resize:
+      def resized():  # one resize of the stacked pair: both frames get the same geometry
+        resized = tf.image.resize(images, size, method='bilinear', antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+      same_size = tf.reduce_all(tf.equal(tf.shape(images)[-3:-1], size))
+      images = tf.cond(same_size, lambda: images, resized)
+    example[self.image_name] = tf.ensure_shape(images, ([2] if self.mode == 'pairs' else []) + size + [3])
+    return example
+
+  def to_float(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """uint8 -> float32 in [0, 1] once per batch: converting per sample and then batching would
+    copy the four times larger float frames one more time."""
+    return {**batch, self.image_name: tf.image.convert_image_dtype(batch[self.image_name], tf.float32)}
+
+
+class MixtureIterator:
+  """BatchIterator over a mixture; see the module docstring. Batches (local batch B):
+
+  pairs: 'video' (B, 2, S, S, 3) float32 in [0, 1] (or uint8), 'frame_offset' (B,) int32
+  steps: 'image' (B, S, S, 3), 'action' (B, 7) float32 (standardised, optionally normalised)
+  both:  'instruction' (B,) bytes, 'dataset' (B,) bytes (name), 'dataset_index' (B,) int32,
+         'episode_index' (B,) int64 (index of the episode in its dataset's split)
+  """
+
+  def __init__(self, mixture: Mixture):
+    self.mixture = mixture
+    # The position of the next sample to deliver.
+    self._position = {'block': 0, 'offset': 0, 'streams': [s.state() for s in mixture.new_streams()]}
+    self._run = None
+
+  # --- data position -------------------------------------------------------------------------
+  def _fingerprint(self) -> dict[str, Any]:
+    m = self.mixture
+    return {'version': STATE_VERSION, 'mode': m.mode, 'seed': m.seed, 'batch_size': m.batch_size,
+            'block_size': m.block_size, 'process_index': m.process_index,
+            'process_count': m.process_count, 'datasets': [source.name for source in m.sources],
+            'frame_offsets': [source.frame_offset for source in m.sources]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {**self._fingerprint(), 'position': self._position}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    for key, value in self._fingerprint().items():
+      if state.get(key) != value:
+        raise DataError(f'data state was saved with {key}={state.get(key)!r} but this pipeline has '
+                        f'{key}={value!r}; the saved position does not apply')
+    self.close()
+    self._position = state['position']
+
+  # --- iteration -----------------------------------------------------------------------------
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._run is None:
+      self._run = _Run(self.mixture, self._position)
+    batch, position = self._run.next()
+    self._position = position
+    return batch
+
+  def close(self) -> None:
+    if self._run is not None:
+      self._run.stop()
+      self._run = None
+
+  def __del__(self):
+    self.close()
+
+
+class _Run:
+  """One pass of the pipeline from a position: a builder thread makes blocks, a generator cuts them
+  into encoded batches (recording the position after each), tf.data decodes them."""
+
+  def __init__(self, mixture: Mixture, position: dict[str, Any]):
+    self.mixture = mixture
+    self.stopped = threading.Event()
+    self.blocks = queue.Queue(maxsize=1)   # at most one block waits while one is being cut
+    self.positions = collections.deque()
+    self.start_offset = int(position['offset'])  # samples of the first block already delivered
+    self.error = None
+    self.builder = threading.Thread(target=self._build, args=(position,), daemon=True,
+                                    name='lapa-mixture-builder')
+    self.builder.start()
+    _RUNS.add(self)
+    dataset = tf.data.Dataset.from_generator(self._batches, output_signature=mixture.signature())
+    dataset = dataset.unbatch().map(mixture.decode, num_parallel_calls=mixture.decode_threads, deterministic=True)
+    dataset = dataset.batch(mixture.batch_size, drop_remainder=True)
+    if mixture.image_dtype == 'float32':
+      dataset = dataset.map(mixture.to_float)
+    dataset = dataset.prefetch(2)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.ram_budget = mixture.autotune_ram_budget
+    self.iterator = iter(dataset.with_options(options))
+
+  def _put(self, item) -> bool:
+    while not self.stopped.is_set():
+      try:
+        self.blocks.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _build(self, position: dict[str, Any]) -> None:
+    try:
+      streams = self.mixture.new_streams()
+      for stream, state in zip(streams, position['streams']):
+        stream.restore(state)
+      block, start_states = position['block'], position['streams']
+      while not self.stopped.is_set():
+        samples = self.mixture.build_block(block, streams)
+        end_states = [stream.state() for stream in streams]
+        if not self._put((block, samples, start_states, end_states)):
+          return
+        block, start_states = block + 1, end_states
+    except BaseException as error:  # handed to the consumer thread, which raises it
+      self._put(error)
+
+  def _batches(self):
+    mixture = self.mixture
+    batch_size = mixture.batch_size
+    current = None  # (block index, columns, stream states at its start, at its end)
+    offset = self.start_offset
+    pending, pending_size = [], 0
+    while not self.stopped.is_set():
+      if current is None or offset >= mixture.block_size:
+        try:
+          item = self.blocks.get(timeout=0.1)
+        except queue.Empty:
+          continue
+        if isinstance(item, BaseException):
+          self.error = item
+          return
+        if current is not None:
+          offset = 0
+        current = item
+        continue
+      take = min(batch_size - pending_size, mixture.block_size - offset)
+      pending.append({key: value[offset:offset + take] for key, value in current[1].items()})
+      pending_size += take
+      offset += take
+      if pending_size == batch_size:
+        block, _, start_states, end_states = current
+        if offset >= mixture.block_size:
+          position = {'block': block + 1, 'offset': 0, 'streams': end_states}
+        else:
+          position = {'block': block, 'offset': offset, 'streams': start_states}
+        self.positions.append(position)
+        yield mixture.encode_batch(concat(pending))
+        pending, pending_size = [], 0
+
+  def next(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+      batch = next(self.iterator)
+    except (StopIteration, tf.errors.OutOfRangeError):
+      if self.error is not None:
+        raise self.error
+      raise DataError('the mixture pipeline stopped unexpectedly') from None
+    out = {key: value.numpy() for key, value in batch.items()}
+    out['dataset'] = self.mixture.names[out['dataset_index']]
+    return out, self.positions.popleft()
+
+  def stop(self) -> None:
+    self.stopped.set()
+    self.iterator = None  # lets tf.data cancel the generator and the decode threads
+    if self.builder is not threading.current_thread():
+      self.builder.join(timeout=30)
+
+
+@atexit.register
+def _stop_runs() -> None:
+  # A builder thread still inside TensorFlow when the interpreter exits aborts the process.
+  for run in list(_RUNS):
+    run.stop()
+
+
+# --- construction ----------------------------------------------------------------------------------
+
+def _plan(config, sources: list[Source], *, mode: str, batch_size: int, frame_bytes: list[float]) -> dict:
+  """Buffer sizes and thread counts that keep the pipeline's buffers inside config.ram_budget_gb.
+
+  Shares of the budget: decoded batches (four: two prefetched, one being assembled, one held by
+  the caller; plus a uint8 one before the float conversion), decode threads 1/12 (each holds one
+  sample in float32 while resizing), readers 1/6 (cycle_length x 3 episodes per dataset, every
+  field as stored), tf.data autotuning 1/10, a reserve of 1/5 for allocator slack and copies, and
+  the rest two shuffle blocks (one being cut into batches, the next being built). The block size
+  depends only on the config and the data - never on the machine - so a saved position stays
+  valid on other hosts. TensorFlow's own memory (~0.5-1 GB) is not part of the budget.
+  """
+  budget = float(config.ram_budget_gb) * 2**30
+  frames = 2 if mode == 'pairs' else 1
+  pixels = batch_size * frames * config.image_size**2 * 3  # values in one batch of frames
+  decoded_batches = 4 * pixels * (4 if config.image_dtype == 'float32' else 1)
+  if config.image_dtype == 'float32':
+    decoded_batches += pixels  # the uint8 batch before the conversion
+  if decoded_batches > budget / 3:
+    raise DataError(f'ram_budget_gb={config.ram_budget_gb} is too small for batches of {batch_size} x '
+                    f'{frames} x {config.image_size}^2 {config.image_dtype} images; need at least '
+                    f'{3 * decoded_batches / 2**30:.2f} GB')
+  cpus = os.cpu_count() or 1
+  decode_threads = min(config.decode_threads or cpus,
+                       max(1, int(budget / 12 / (frames * config.image_size**2 * 3 * 4))))
+  episode_bytes = sum(oxe.episode_bytes(source.dataset, config.split) for source in sources)
+  cycle = max(1, min(config.cycle_length, int(budget / 6 / max(1.0, 3 * episode_bytes))))
+  probabilities = np.array([source.probability for source in sources])
+  sample_bytes = float(np.dot(probabilities, frame_bytes)) * frames + 300  # + Python object overhead
+  shuffle_share = budget * (1 - 1 / 12 - 1 / 6 - 1 / 10 - 1 / 5) - decoded_batches
+  block = int(config.shuffle_buffer) or int(shuffle_share / (2 * sample_bytes))
+  if block < batch_size:
+    raise DataError(f'ram_budget_gb={config.ram_budget_gb} leaves room for a shuffle block of {block} '
+                    f'samples, fewer than batch_size {batch_size}; raise ram_budget_gb')
+  return {'block_size': block, 'decode_threads': decode_threads, 'cycle_length': cycle,
+          'read_threads': mixtures.allocate(config.read_threads or cpus, probabilities),
+          'autotune_ram_budget': int(budget / 10), 'sample_bytes': sample_bytes}
+
+
+def _probe_frame_bytes(reader: oxe.EpisodeReader, segment: oxe.Segment) -> float:
+  """Mean encoded size of the primary image in the first readable episode of `segment`."""
+  for episode in reader.episodes(segment):
+    return float(np.mean([len(frame) for frame in episode['image']]))
+  return 0.0
+
+
+def build_sources(config, *, mode: str, process_index: int, process_count: int,
+                  progress: bool = True) -> list[Source]:
+  """Opens and checks the mixture's datasets; every check runs before any long work."""
+  if mode not in MODES:
+    raise DataError(f'mode must be one of {MODES}, got {mode!r}')
+  for field, allowed in (('episode_end', pairs.EPISODE_ENDS), ('balance', mixtures.BALANCES),
+                         ('on_corrupt', oxe.CORRUPT_POLICIES), ('action_normalization', NORMALIZATIONS),
+                         ('image_dtype', ('float32', 'uint8'))):
+    if config[field] not in allowed:
+      raise DataError(f'data.{field} must be one of {allowed}, got {config[field]!r}')
+  policy = config.missing_instruction or ('empty' if mode == 'pairs' else 'error')
+  if policy not in INSTRUCTION_POLICIES:
+    raise DataError(f'data.missing_instruction must be one of {INSTRUCTION_POLICIES}, got {policy!r}')
+  if not config.data_dir:
+    raise DataError('data.data_dir is empty; set it to the directory holding <name>/<version>/ datasets')
+  offsets = _parse_offsets(config.frame_offsets)
+  opened = mixtures.resolve(config.data_dir, config.mixture, skip_missing=config.skip_missing)
+  unknown = set(offsets) - {dataset.spec.name for dataset, _ in opened}
+  if unknown:
+    raise DataError(f'data.frame_offsets names datasets not in the mixture: {", ".join(sorted(unknown))}')
+  for dataset, _ in opened:
+    spec = dataset.spec
+    if spec.instruction_key is None and policy == 'error':
+      raise DataError(f'{spec.name} ({dataset.path}) has no instructions but this {mode} pipeline is '
+                      'language-conditioned; set data.missing_instruction="empty" to use empty strings')
+    if mode == 'steps' and spec.transform is None:
+      raise DataError(f'{spec.name} ({dataset.path}) has no actions; VLA step examples need them '
+                      '(use it in a frame-pair mixture instead)')
+  sources = []
+  for index, (dataset, weight) in enumerate(opened):
+    spec = dataset.spec
+    reader = oxe.EpisodeReader(dataset, on_corrupt=config.on_corrupt)
+    segments = reader.segments(config.split, process_index, process_count)
+    offset = offsets.get(spec.name) or oxe.default_frame_offset(
+        spec, config.frame_offset_seconds, config.human_frame_offset_seconds)
+    sources.append(Source(index=index, dataset=dataset, reader=reader, segments=segments,
+                          probability=weight, frame_offset=offset if mode == 'pairs' else 0))
+  needs_statistics = config.balance == 'transitions' or config.action_normalization != 'none'
+  for source in sources:
+    if needs_statistics:
+      source.statistics = statistics.load_or_compute(
+          source.dataset, config.split.split('[')[0], cache_dir=config.statistics_cache_dir or None,
+          on_corrupt=config.on_corrupt, progress=progress)
+      if config.action_normalization != 'none' and 'action' not in source.statistics:
+        raise DataError(f'{source.name}: no action statistics to normalise with')
+  if config.balance == 'transitions':
+    sizes = [source.statistics['num_transitions'] for source in sources]
+  elif config.balance == 'episodes':
+    sizes = [source.dataset.builder.info.splits[config.split].num_examples for source in sources]
+  else:
+    sizes = None
+  for source, probability in zip(sources, mixtures.proportions([s.probability for s in sources], sizes)):
+    source.probability = float(probability)
+  return sources
+
+
+def mixture_iterator(config, *, mode: str, batch_size: int, seed: int = 0, process_index: int = 0,
+                     process_count: int = 1, progress: bool = True) -> MixtureIterator:
+  """A MixtureIterator over `config.mixture` (see default_config) for one process."""
+  if batch_size < 1:
+    raise DataError(f'batch_size must be >= 1, got {batch_size}')
+  sources = build_sources(config, mode=mode, process_index=process_index, process_count=process_count,
+                          progress=progress)
+  frame_bytes = [source.statistics['image_bytes_mean'] if source.statistics
+                 else _probe_frame_bytes(source.reader, source.segments[0]) for source in sources]
+  plan = _plan(config, sources, mode=mode, batch_size=batch_size, frame_bytes=frame_bytes)
+  for source, threads in zip(sources, plan['read_threads']):
+    source.reader.read_threads = threads
+  _log.info('mixture %s: %s; plan %s', config.mixture,
+            ', '.join(f'{s.name} p={s.probability:.3f} H={s.frame_offset}' for s in sources), plan)
+  return MixtureIterator(Mixture(
+      sources, mode=mode, batch_size=batch_size, seed=seed, process_index=process_index,
+      process_count=process_count, image_size=int(config.image_size), image_dtype=config.image_dtype,
+      block_size=plan['block_size'], decode_threads=plan['decode_threads'], cycle_length=plan['cycle_length'],
+      episode_end=config.episode_end, max_samples_per_episode=int(config.max_samples_per_episode),
+      action_normalization=config.action_normalization, autotune_ram_budget=plan['autotune_ram_budget']))
+
+
+def pair_iterator(config, *, batch_size: int, seed: int = 0, process_index: int = 0,
+                  process_count: int = 1, progress: bool = True) -> MixtureIterator:
+  """LAQ frame pairs over a mixture: (x_t, x_{t+H_d}), H_d from each dataset's fps."""
+  return mixture_iterator(config, mode='pairs', batch_size=batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count, progress=progress)
+
+
+def step_iterator(config, *, batch_size: int, seed: int = 0, process_index: int = 0,
+                  process_count: int = 1, progress: bool = True) -> MixtureIterator:
+  """VLA step examples over a mixture: current image, instruction, standardised action, dataset."""
+  return mixture_iterator(config, mode='steps', batch_size=batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count, progress=progress)
