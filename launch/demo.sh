@@ -17,8 +17,7 @@ for emb in robot hand; do
   fi
 done
 
-step "2/2 frame pairs (x_t, x_t+H) as the latent action quantizer sees them"
-python -m lapa_jax.data.pairs --data "$OUT/data/lapa_world_robot" --out "$OUT/pairs_robot.png"
-python -m lapa_jax.data.pairs --data "$OUT/data/lapa_world_hand" --out "$OUT/pairs_hand.png"
+step "2/2 inspect the data: frames, frame pairs (x_t | x_t+H) and action histograms as PNGs"
+lapa inspect-data --data-dir "$OUT/data" --mixture lapa_world_robot,lapa_world_hand --out "$OUT/inspect"
 
 echo; echo "done: see $OUT/"
