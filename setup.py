@@ -3,7 +3,6 @@ import re
 from setuptools import find_packages, setup
 
 
-
 def read_requirements(path):
   with open(path) as f:
     return [line.strip() for line in f if line.strip() and not line.startswith('#')]
