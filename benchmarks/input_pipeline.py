@@ -11,6 +11,8 @@ It then measures, in one process:
   2. the LAQ frame-pair mixture pipeline (lapa_jax.data.pipelines.pair_iterator) at --size with
      uint8 and float32 output: steady-state pairs/s (after the first shuffle block, while later
      blocks are read in the background), and its ratio to the decode-only pairs/s (target >= 0.8);
+     float32 writes four times the bytes of uint8 (one conversion per batch), so a trainer should
+     take uint8 and convert on the accelerator, where it fuses into the first layer;
   3. peak RSS of each phase, each measured in a fresh process (TensorFlow itself takes ~0.5-1 GB).
 Rates are wall-clock (pairs_per_s) and per CPU-second of the whole process (pairs_per_cpu_s); on a
 machine shared with other jobs the CPU-time ratio is the stable measure of pipeline overhead.
@@ -63,7 +65,7 @@ def decode_only(data_dir: str, mixture: str, frames: int, threads: int) -> tuple
   for dataset, _ in mixtures.resolve(data_dir, mixture):
     key = dataset.spec.image_key
     episodes = rlds.episodes(dataset.builder, 'train')
-    part = episodes.map(lambda episode, key=key: oxe.lookup(episode['steps'], key),
+    part = episodes.map(lambda episode, key=key: rlds.get_path(episode['steps'], key),
                         num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     stream = part if stream is None else stream.concatenate(part)
   decoded = stream.repeat().map(lambda encoded: tf.io.decode_jpeg(encoded, channels=3),

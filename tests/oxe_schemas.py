@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from lapa_jax.data.video import write_rlds
+from lapa_jax.data import rlds
 
 F32 = np.float32
 DATASET_BLUE = {'fractal20220817_data': 30, 'kuka': 60, 'language_table': 90, 'taco_play': 120,
@@ -324,8 +324,8 @@ def write(data_dir: str, name: str, *, episodes: int = 6, scale: float = 0.125, 
     splits['test'] = (make_episode(episodes + e) for e in range(test_episodes))
   version = VERSIONS.get(name, '0.1.0')
   path = os.path.join(data_dir, directory or name, version)
-  return write_rlds(path, name=name, version=version, features=features, splits=splits,
-                    episodes_per_shard=episodes_per_shard)
+  return rlds.write_dataset(path, name=name, version=version, features=features, splits=splits,
+                            episodes_per_shard=episodes_per_shard, progress=False)
 
 
 _SESSION_ROOTS: dict[str, str] = {}

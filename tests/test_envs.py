@@ -192,7 +192,8 @@ def test_writer_robot_dataset_opens_like_openx(robot_dataset):
     assert '"encodingFormat": "jpeg"' in json.dumps(json.load(f))
   with open(os.path.join(path, 'lapa_spec.json')) as f:
     assert json.load(f) == {'fps': world.FPS, 'image_key': 'observation/image', 'embodiment': 'robot',
-                            'instruction_key': 'language_instruction', 'action_key': 'action'}
+                            'instruction_key': 'language_instruction', 'action_key': 'action',
+                            'frame_offset_seconds': 0.6}
   episodes = list(tfds.as_numpy(builder.as_dataset('train')))
   assert len(episodes) == 4
   for episode in episodes:
@@ -228,6 +229,10 @@ def test_writer_hand_dataset_has_no_action(tmp_path):
   with open(os.path.join(path, 'lapa_spec.json')) as f:
     spec = json.load(f)
   assert spec['embodiment'] == 'human' and 'action_key' not in spec
+  # The hand moves at the robot's speed: its pairs span 0.6 s like the robot's, not human video's 2.4 s.
+  from lapa_jax.data import oxe
+  spec = oxe.spec_from_metadata(path, 'lapa_world_hand')
+  assert spec.embodiment == 'human' and oxe.default_frame_offset(spec) == 3
   # Robot and hand datasets written with the same seed show different episodes.
   assert writer.episode_seed(0, 'hand', 0) != writer.episode_seed(0, 'robot', 0)
 

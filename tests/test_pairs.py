@@ -101,7 +101,8 @@ def test_resize_is_one_bilinear_antialiased_resize_per_pair(bridge_dir, referenc
   batch = next(bridge_pairs(bridge_dir, image_size=(32, 48), batch_size=4))
   assert batch['video'].shape == (4, 2, 32, 48, 3)
   # Recompute each pair from its episode: the first frame equals one of the resized reference frames.
-  resized = {(e, t): tf.image.resize(episode['frames'][t], (32, 48), 'bilinear', antialias=True).numpy() / 255
+  # Rounded to uint8 like the official loader's PIL images, then scaled to [0, 1].
+  resized = {(e, t): np.round(tf.image.resize(episode['frames'][t], (32, 48), 'bilinear', antialias=True).numpy()) / 255
              for e, episode in enumerate(episodes) for t in range(STEPS_PER_EPISODE)}
   assert len(by_encoded) == len(resized)
   for video in batch['video']:
@@ -117,6 +118,13 @@ def test_deterministic_for_a_seed(bridge_dir):
   assert_same_batches(first, take(bridge_pairs(bridge_dir, seed=3), 3))
   other = take(bridge_pairs(bridge_dir, seed=4), 3)
   assert not np.array_equal(first[0]['video'], other[0]['video'])
+  # uint8 output: the same frames, a quarter of the bytes.
+  small = take(bridge_pairs(bridge_dir, seed=3, image_dtype='uint8'), 3)
+  for floats, integers in zip(first, small):
+    assert integers['video'].dtype == np.uint8
+    np.testing.assert_array_equal(integers['video'], np.round(floats['video'] * 255))
+  with pytest.raises(pairs.DataError, match="image_dtype must be one of"):
+    bridge_pairs(bridge_dir, image_dtype='float16')
 
 
 def test_processes_read_disjoint_pairs_that_cover_the_split(bridge_dir, reference):

@@ -181,7 +181,7 @@ def test_human_video_pairs_and_instruction_policy(human_videos):
 
 def test_corrupt_shard_is_skipped_or_stops(data_dir, tmp_path, caplog):
   shutil.copytree(os.path.join(data_dir, 'viola'), tmp_path / 'viola')
-  shard = tmp_path / 'viola' / '0.1.0' / 'viola-train.tfrecord-00001-of-00002'
+  shard = tmp_path / 'viola' / '0.1.0' / 'viola-train.tfrecord-00001'
   content = shard.read_bytes()
   shard.write_bytes(content[:len(content) // 2])
   config = make_config(str(tmp_path), 'viola', balance='none')
@@ -193,7 +193,7 @@ def test_corrupt_shard_is_skipped_or_stops(data_dir, tmp_path, caplog):
   iterator.close()
   config.on_corrupt = 'error'
   iterator = pipelines.pair_iterator(config, batch_size=16, progress=False)
-  with pytest.raises(oxe.DataError, match='viola-train.tfrecord-00001-of-00002: corrupted or truncated'):
+  with pytest.raises(oxe.DataError, match='viola-train.tfrecord-00001: corrupted or truncated'):
     for _ in range(20):
       next(iterator)
   iterator.close()

@@ -60,14 +60,14 @@ def test_resume_skips_finished_shards(ur5_dir, tmp_path, monkeypatch):
   source = os.path.join(ur5_dir, 'berkeley_autolab_ur5', '0.1.0')
   work = tmp_path / 'berkeley_autolab_ur5' / '0.1.0.incomplete'
   os.makedirs(work)
-  first = 'berkeley_autolab_ur5-train.tfrecord-00000-of-00002'
+  first = 'berkeley_autolab_ur5-train.tfrecord-00000'
   resize.resize_shard(os.path.join(source, first), str(work / first), ['observation/image'], 24, 95)
   stamp = os.path.getmtime(work / first)
   done = []
   shard = resize.resize_shard
   monkeypatch.setattr(resize, 'resize_shard', lambda src, *a: done.append(os.path.basename(src)) or shard(src, *a))
   resize.resize_dataset(source, str(tmp_path), size=24, keys=['observation/image'], progress=False)
-  assert done == ['berkeley_autolab_ur5-train.tfrecord-00001-of-00002']
+  assert done == ['berkeley_autolab_ur5-train.tfrecord-00001']
   assert os.path.getmtime(tmp_path / 'berkeley_autolab_ur5' / '0.1.0' / first) == stamp
 
 

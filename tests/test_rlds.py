@@ -1,9 +1,11 @@
-"""lapa_jax.data.rlds on the real Bridge episodes (25 train / 25 val, 10 steps, 64x64 JPEG)."""
+"""lapa_jax.data.rlds on the real Bridge episodes (25 train / 25 val, 10 steps, 64x64 JPEG), and its writer."""
 
 import json
+import os
 import pathlib
 import shutil
 
+import numpy as np
 import pytest
 
 from lapa_jax.data import rlds
@@ -127,3 +129,33 @@ def test_wrong_image_key_lists_available_keys(bridge_dir):
   assert_one_line_error(excinfo, "'observation/image'", 'observation/image_0, observation/image_1')
   with pytest.raises(rlds.DataError):  # a step feature, but not an image
     rlds.check_image_key(builder, 'observation/state')
+
+
+def test_get_path_finds_keys_that_contain_slashes():
+  steps = {'observation': {'clip_function_input/base_pose_tool_reached': 1, 'image': 2}, 'action': 3}
+  assert rlds.get_path(steps, 'observation/clip_function_input/base_pose_tool_reached') == 1
+  assert rlds.get_path(steps, 'observation/image') == 2 and rlds.get_path(steps, 'action') == 3
+  with pytest.raises(KeyError):
+    rlds.get_path(steps, 'observation/clip_function_input/missing')
+
+
+def test_write_dataset_keeps_order_and_leaves_nothing_on_failure(tmp_path):
+  import tensorflow_datasets as tfds
+  features = tfds.features.FeaturesDict({
+      'steps': tfds.features.Dataset({'is_first': tfds.features.Scalar(np.bool_)}),
+      'index': tfds.features.Scalar(np.int64)})
+  episodes = lambda indices: ({'steps': [{'is_first': True}], 'index': i} for i in indices)
+  path = rlds.write_dataset(tmp_path / 'toy' / '1.0.0', name='toy', version='1.0.0', features=features,
+                            splits={'train': episodes(range(5)), 'val': episodes([7])}, episodes_per_shard=2,
+                            metadata=lambda: {'fps': 3.0}, extra_files={'note.json': {'a': 1}}, progress=False)
+  builder = rlds.open_builder(tmp_path / 'toy')
+  assert builder.info.name == 'toy' and rlds.dataset_fps(builder) == 3.0
+  assert builder.info.splits['train'].shard_lengths == [2, 2, 1]
+  assert [int(e['index']) for e in tfds.as_numpy(builder.as_dataset('train[1:]+val'))] == [1, 2, 3, 4, 7]
+  assert (tmp_path / 'toy' / '1.0.0' / 'note.json').exists()
+  with pytest.raises(rlds.DataError, match='already exists'):
+    rlds.write_dataset(path, name='toy', version='1.0.0', features=features, splits={}, progress=False)
+  with pytest.raises(rlds.DataError, match="split 'train' has no episodes"):
+    rlds.write_dataset(tmp_path / 'empty' / '1.0.0', name='empty', version='1.0.0', features=features,
+                       splits={'train': episodes([])}, progress=False)
+  assert os.listdir(tmp_path / 'empty') == []

@@ -52,7 +52,7 @@ def test_frame_folders_with_ssv2_labels(tmp_path):
                              fps=12, episodes_per_shard=2, progress=False)
   assert path == str(tmp_path / 'out' / 'sthsthv2' / '1.0.0')
   assert sorted(n for n in os.listdir(path) if 'tfrecord' in n) == [
-      'sthsthv2-train.tfrecord-00000-of-00002', 'sthsthv2-train.tfrecord-00001-of-00002']
+      'sthsthv2-train.tfrecord-00000', 'sthsthv2-train.tfrecord-00001']
   with open(os.path.join(path, 'lapa_spec.json')) as f:
     assert json.load(f) == {'embodiment': 'human', 'image_key': 'observation/image',
                             'instruction_key': 'language_instruction', 'fps': 12.0}

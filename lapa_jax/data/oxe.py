@@ -64,6 +64,7 @@ class DatasetSpec:
   fields: tuple[str, ...] = ()        # step paths the transform reads
   subsample: int = 1                  # keep every n-th step (done in standardisation)
   embodiment: str = 'robot'           # 'robot' | 'human': selects the default pair offset
+  frame_offset_seconds: float | None = None   # pair window of this dataset; None: the embodiment's default
   source: str = 'reference'           # where the keys come from: 'reference' | 'octo' | 'metadata'
 
   @property
@@ -182,7 +183,8 @@ def spec_from_metadata(version_dir: str, name: str) -> DatasetSpec | None:
   """The spec a lapa_jax writer left in `lapa_spec.json` (human videos, built-in world), or None.
 
   File fields: fps, image_key, and optionally wrist_image_key, instruction_key (null: none),
-  embodiment ('robot'|'human'), action_key (a (7,) float tensor already in the standard layout).
+  embodiment ('robot'|'human'), action_key (a (7,) float tensor already in the standard layout),
+  frame_offset_seconds (the LAQ pair window, when the embodiment's default does not fit).
   """
   path = os.path.join(version_dir, SPEC_FILE)
   if not tf.io.gfile.exists(path):
@@ -203,7 +205,8 @@ def spec_from_metadata(version_dir: str, name: str) -> DatasetSpec | None:
       name=name, fps=float(meta['fps']), image_key=meta['image_key'],
       wrist_image_key=meta.get('wrist_image_key'), instruction_key=meta.get('instruction_key'),
       transform=std.identity7 if action_key else None, fields=(action_key,) if action_key else (),
-      embodiment=meta.get('embodiment', 'robot'), source='metadata')
+      embodiment=meta.get('embodiment', 'robot'), frame_offset_seconds=meta.get('frame_offset_seconds'),
+      source='metadata')
 
 
 def find_dataset_dir(data_dir: str, name: str) -> str:
@@ -227,21 +230,6 @@ def open_dataset(data_dir: str, name: str, *, use_wrist: bool = False) -> Datase
   builder = rlds.open_builder(path)
   check_features(spec, builder, path, use_wrist=use_wrist)
   return Dataset(spec=spec, builder=builder, path=path)
-
-
-def lookup(tree: Mapping[str, Any], path: str):
-  """`tree` at step path 'a/b/c'; keys may themselves contain '/' (kuka's 'clip_function_input/...')."""
-  if path in tree:
-    return tree[path]
-  parts = path.split('/')
-  for split_at in range(1, len(parts)):
-    head = '/'.join(parts[:split_at])
-    if head in tree and isinstance(tree[head], Mapping):
-      try:
-        return lookup(tree[head], '/'.join(parts[split_at:]))
-      except KeyError:
-        continue
-  raise KeyError(path)
 
 
 def _describe(feature) -> str:
@@ -352,13 +340,13 @@ class EpisodeReader:
 
   def _select(self, episode):
     steps = episode[rlds.STEPS]
-    out = {'image': lookup(steps, self.spec.image_key)}
+    out = {'image': rlds.get_path(steps, self.spec.image_key)}
     if self.use_wrist:
-      out['wrist_image'] = lookup(steps, self.spec.wrist_image_key)
+      out['wrist_image'] = rlds.get_path(steps, self.spec.wrist_image_key)
     if self.spec.instruction_key:
-      out['instruction'] = lookup(steps, self.spec.instruction_key)
+      out['instruction'] = rlds.get_path(steps, self.spec.instruction_key)
     for key in self.spec.fields:
-      value = lookup(steps, key)
+      value = rlds.get_path(steps, key)
       feature = self._features[key]
       if getattr(feature, '_encoding', None) == tfds.features.Encoding.ZLIB:
         # SkipDecoding leaves zlib tensors as compressed bytes, one string per step.
@@ -370,13 +358,7 @@ class EpisodeReader:
   def read(self, split: str, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """Selected raw fields of the episodes of `split` (an expression such as
     'train[3:6]+train[0:3]'), in that order. TF errors of corrupt shards propagate."""
-    builder = self.dataset.builder
-    rlds.check_split(builder, split)
-    # As rlds.episodes, but one file instruction after the other: TFDS' default interleaves 16 of
-    # them in blocks of 16 episodes, which would break the segment accounting of the callers.
-    read_config = tfds.ReadConfig(interleave_cycle_length=1, skip_prefetch=True, try_autocache=False)
-    dataset = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
-                                 decoders={rlds.STEPS: tfds.decode.SkipDecoding()})
+    dataset = rlds.episodes(self.dataset.builder, split, sequential=True)
     dataset = dataset.map(self._select, num_parallel_calls=self.read_threads, deterministic=True)
     return dataset.prefetch(prefetch).as_numpy_iterator()
 
@@ -441,8 +423,12 @@ def episode_bytes(dataset: Dataset, split: str = 'train') -> float:
 
 
 def default_frame_offset(spec: DatasetSpec, robot_seconds: float = 0.6, human_seconds: float = 2.4) -> int:
-  """LAQ pair offset: 0.6 s for robot data, 2.4 s for human video, at the standardised rate."""
-  seconds = human_seconds if spec.embodiment == 'human' else robot_seconds
+  """LAQ pair offset: the dataset's own window if it has one, else 0.6 s for robot data and 2.4 s
+  for human video, at the standardised rate."""
+  if spec.frame_offset_seconds is not None:
+    seconds = spec.frame_offset_seconds
+  else:
+    seconds = human_seconds if spec.embodiment == 'human' else robot_seconds
   if not math.isfinite(seconds) or seconds <= 0:
     raise DataError(f'frame offset seconds must be > 0, got {seconds}')
   return spec.frame_offset(seconds)

@@ -2,13 +2,13 @@
 
     pairs = pair_iterator('/data/bridge_dataset', image_key='observation/image_0',
                           frame_offset_seconds=0.6, fps=5, batch_size=32)    # frame_offset = 3
-    batch = next(pairs)      # {'video': (32, 2, 64, 64, 3) float32 in [0, 1], 'instruction': (32,)}
+    batch = next(pairs)      # {'video': (32, 2, 64, 64, 3) float32 in [0, 1] (or uint8), 'instruction': (32,)}
     state = pairs.get_state()                                                # save with the checkpoint
 
 Pipeline of one epoch (tf.data, deterministic for a seed):
   episodes (encoded, file order shuffled) -> pairs inside each episode (still encoded bytes)
   -> shuffle buffer of encoded pairs -> skip what a resumed run already consumed
-  -> decode both frames, stack, one resize for the pair -> batch -> prefetch.
+  -> decode both frames, one resize for the pair (decode_frames) -> batch -> [float32] -> prefetch.
 Shuffling encoded pairs keeps the buffer ~10x smaller than decoded frames, and skipping before the
 decode makes resuming cheap. Epoch e is shuffled with a seed derived from (seed, e), so the data
 position is just (epoch, batches consumed in epoch). Batches never cross an epoch boundary: the last
@@ -29,6 +29,7 @@ from lapa_jax.data import rlds
 
 DataError = rlds.DataError
 EPISODE_ENDS = ('drop', 'clamp')
+IMAGE_DTYPES = ('float32', 'uint8')
 # Where Open-X datasets keep the step's instruction string (bridge_dataset, most others).
 INSTRUCTION_KEYS = ('language_instruction', 'observation/natural_language_instruction',
                     'observation/language_instruction')
@@ -52,6 +53,49 @@ def resolve_frame_offset(frame_offset: int | None = None, frame_offset_seconds: 
     raise DataError(f'frame_offset_seconds and fps must be > 0, got {frame_offset_seconds} and {fps}')
   # Round half up (not Python's half-to-even) so that e.g. 0.5 s at 5 Hz is 3 steps, not 2.
   return max(1, math.floor(frame_offset_seconds * fps + 0.5))
+
+
+def pair_indices(length: int, frame_offset: int, episode_end: str = 'drop') -> tuple[np.ndarray, np.ndarray]:
+  """Step indices (first, second), each (pairs,) int64, of every pair of an episode of `length` steps.
+
+  'drop': the pairs (t, t + frame_offset) inside the episode; 'clamp' (the official LAQ loader):
+  every step starts a pair, the second index clamped to the last step.
+  """
+  if episode_end == 'drop':
+    first = np.arange(max(0, length - frame_offset))
+    return first, first + frame_offset
+  first = np.arange(length)
+  return first, np.minimum(first + frame_offset, length - 1)
+
+
+def decode_frames(encoded: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+  """Encoded JPEG/PNG frames, () or (frames,) tf.string -> (..., height, width, 3) uint8 at image_size.
+
+  Frames stored at another size get ONE bilinear antialiased resize together: the two frames of a
+  pair share exactly the same geometry, so the resize adds no fake motion. The result is rounded
+  to uint8, as the official LAQ loader's PIL images are.
+  """
+  def decode(one):
+    image = tf.io.decode_image(one, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+  leading = [] if encoded.shape.rank == 0 else [encoded.shape[0]]
+  frames = decode(encoded) if not leading else tf.stack([decode(encoded[i]) for i in range(leading[0])])
+
+  def resized():
+    images = tf.image.resize(frames, image_size, method='bilinear', antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
+
+  stored_size = tf.reduce_all(tf.equal(tf.shape(frames)[-3:-1], image_size))
+  frames = tf.cond(stored_size, lambda: frames, resized)
+  return tf.ensure_shape(frames, [*leading, *image_size, 3])
+
+
+def to_float(batch: dict[str, tf.Tensor], key: str) -> dict[str, tf.Tensor]:
+  """batch[key] uint8 -> float32 in [0, 1], once per batch: converting each sample before batching
+  would copy the four times larger float frames once more."""
+  return {**batch, key: tf.image.convert_image_dtype(batch[key], tf.float32)}
 
 
 def _instruction_key(builder, instruction_key: str | None) -> str | None:
@@ -91,7 +135,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 class PairIterator:
   """Iterator of host-local batches of frame pairs; `get_state()`/`set_state()` for exact resume.
 
-  Batches: 'video' (batch, 2, height, width, 3) float32 in [0, 1] holding (x_t, x_{t+frame_offset});
+  Batches: 'video' (batch, 2, height, width, 3) float32 in [0, 1] (or uint8 with image_dtype='uint8')
+  holding (x_t, x_{t+frame_offset});
   'instruction' (batch,) bytes, the instruction at step t; with_actions also 'actions'
   (batch, frame_offset, action_dim) float32, the actions of steps t .. t+frame_offset-1, and
   'action_mask' (batch, frame_offset) bool, False for the zero padding that episode_end='clamp'
@@ -101,7 +146,8 @@ class PairIterator:
   def __init__(self, builder: tfds.core.DatasetBuilder, *, split: str, image_key: str,
                frame_offset: int, image_size: tuple[int, int], batch_size: int, seed: int,
                process_index: int, process_count: int, shuffle_buffer: int, episode_end: str,
-               repeat: bool, with_actions: bool, instruction_key: str | None):
+               repeat: bool, with_actions: bool, instruction_key: str | None,
+               image_dtype: str = 'float32'):
     self.builder = builder
     self.split = split
     self.image_key = image_key
@@ -116,9 +162,8 @@ class PairIterator:
     self.repeat = repeat
     self.with_actions = with_actions
     self.instruction_key = instruction_key
+    self.image_dtype = image_dtype
     self.action_dim = _action_dim(builder) if with_actions else None
-    image_shape = rlds.step_features(builder)[image_key].shape
-    self._needs_resize = tuple(image_shape[:2]) != tuple(image_size)
     self._epoch = 0
     self._batches_in_epoch = 0
     self._batches = None  # numpy iterator over the current epoch, built on demand
@@ -165,21 +210,16 @@ class PairIterator:
     raise StopIteration
 
   # --- the tf.data pipeline --------------------------------------------------------------------
-  def pair_indices(self, length: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Step indices (first, second) of every pair of an episode with `length` steps."""
-    if self.episode_end == 'drop':
-      first = tf.range(tf.maximum(length - self.frame_offset, 0))
-      return first, first + self.frame_offset
-    # The official LAQ loader: any start step, the second frame clamped to the last step.
-    first = tf.range(length)
-    return first, tf.minimum(first + self.frame_offset, length - 1)
-
   def _episode_pairs(self, episode) -> dict[str, tf.Tensor]:
     """All pairs of one episode, frames still encoded: 'frames' (pairs, 2) string, ..."""
     steps = episode[rlds.STEPS]
     frames = rlds.get_path(steps, self.image_key)
-    length = tf.shape(frames)[0]
-    first, second = self.pair_indices(length)
+    length = tf.shape(frames, out_type=tf.int64)[0]
+    first, second = tf.numpy_function(  # once per episode: negligible next to the image work
+        lambda steps: pair_indices(int(steps), self.frame_offset, self.episode_end), [length],
+        [tf.int64, tf.int64], stateful=False)
+    first.set_shape([None])
+    second.set_shape([None])
     pairs = {'frames': tf.stack([tf.gather(frames, first), tf.gather(frames, second)], axis=1)}
     if self.instruction_key is None:
       pairs['instruction'] = tf.fill(tf.shape(first), '')
@@ -187,7 +227,7 @@ class PairIterator:
       pairs['instruction'] = tf.gather(rlds.get_path(steps, self.instruction_key), first)
     if self.with_actions:
       actions = tf.reshape(tf.cast(steps[ACTION_KEY], tf.float32), [length, self.action_dim])
-      index = first[:, None] + tf.range(self.frame_offset)[None, :]  # (pairs, frame_offset)
+      index = first[:, None] + tf.range(self.frame_offset, dtype=tf.int64)[None, :]  # (pairs, frame_offset)
       mask = index < second[:, None]
       gathered = tf.gather(actions, tf.minimum(index, length - 1))
       pairs['actions'] = gathered * tf.cast(mask, tf.float32)[..., None]
@@ -195,19 +235,8 @@ class PairIterator:
     return pairs
 
   def _decode(self, pair: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    def decode(encoded):
-      image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-      image.set_shape([None, None, 3])
-      return image
-
-    # One resize of the stacked pair: both frames get exactly the same geometry, so no fake motion.
-    video = tf.stack([decode(pair['frames'][0]), decode(pair['frames'][1])])  # (2, h, w, 3) uint8
-    if self._needs_resize:
-      video = tf.image.resize(video, self.image_size, method='bilinear', antialias=True)
-    video = tf.clip_by_value(tf.cast(video, tf.float32) / 255.0, 0.0, 1.0)
-    video = tf.ensure_shape(video, [2, *self.image_size, 3])
     out = {key: value for key, value in pair.items() if key != 'frames'}
-    out['video'] = video
+    out['video'] = decode_frames(pair['frames'], self.image_size)  # (2, height, width, 3) uint8
     return out
 
   def episode_pairs(self, shuffle_files_seed: int | None = None) -> tf.data.Dataset:
@@ -225,6 +254,8 @@ class PairIterator:
     dataset = dataset.skip(skip_batches * self.batch_size)
     dataset = dataset.map(self._decode, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(self.batch_size, drop_remainder=True)
+    if self.image_dtype == 'float32':
+      dataset = dataset.map(lambda batch: to_float(batch, 'video'))
     options = tf.data.Options()
     options.deterministic = True
     # tf.data's autotuner may otherwise buffer up to half the host's RAM when the consumer is slow
@@ -240,14 +271,11 @@ class PairIterator:
     dataset = rlds.episodes(self.builder, self.split, process_index=self.process_index,
                             process_count=self.process_count)
 
-    def length_and_pairs(episode):
-      length = tf.shape(rlds.get_path(episode[rlds.STEPS], self.image_key))[0]
-      return length, tf.size(self.pair_indices(length)[0])
-
+    lengths = dataset.map(lambda episode: tf.shape(rlds.get_path(episode[rlds.STEPS], self.image_key))[0])
     longest, pair_count = 0, 0
-    for length, episode_pairs in dataset.map(length_and_pairs).as_numpy_iterator():
+    for length in lengths.as_numpy_iterator():
       longest = max(longest, int(length))
-      pair_count += int(episode_pairs)
+      pair_count += len(pair_indices(int(length), self.frame_offset, self.episode_end)[0])
       if longest > self.frame_offset and pair_count >= self.batch_size:
         return
     where = f'{self.builder.data_dir} split {self.split!r}'
@@ -265,7 +293,8 @@ def pair_iterator(path: str | os.PathLike, *, split: str = 'train', image_key: s
                   fps: float | None = None, image_size: int | tuple[int, int] = 64, batch_size: int,
                   seed: int = 0, process_index: int = 0, process_count: int = 1,
                   shuffle_buffer: int = 10_000, episode_end: str = 'drop', repeat: bool = True,
-                  with_actions: bool = False, instruction_key: str | None = None) -> PairIterator:
+                  with_actions: bool = False, instruction_key: str | None = None,
+                  image_dtype: str = 'float32') -> PairIterator:
   """Batches of LAQ frame pairs from the RLDS dataset at `path` (`<dir>/<name>[/<version>]`).
 
   frame_offset is in steps, or given as frame_offset_seconds at `fps` steps per second (rounded,
@@ -274,10 +303,13 @@ def pair_iterator(path: str | os.PathLike, *, split: str = 'train', image_key: s
   the second index is clamped to the last step, as the official LAQ loader does). `batch_size` is
   this process's (local) batch. Each of `process_count` processes reads a disjoint slice of the
   split's episodes. instruction_key: the step's instruction string (default: found automatically;
-  empty strings when the dataset has none). Every argument is checked before any long work.
+  empty strings when the dataset has none). image_dtype: 'float32' in [0, 1] or 'uint8' (a quarter
+  of the bytes; convert on the accelerator). Every argument is checked before any long work.
   """
   if episode_end not in EPISODE_ENDS:
     raise DataError(f'episode_end must be one of {EPISODE_ENDS}, got {episode_end!r}')
+  if image_dtype not in IMAGE_DTYPES:
+    raise DataError(f'image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}')
   if isinstance(image_size, (int, np.integer)):
     image_size = (int(image_size), int(image_size))
   image_size = tuple(int(size) for size in image_size)
@@ -296,6 +328,6 @@ def pair_iterator(path: str | os.PathLike, *, split: str = 'train', image_key: s
       builder, split=split, image_key=image_key, frame_offset=offset, image_size=image_size,
       batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count,
       shuffle_buffer=shuffle_buffer, episode_end=episode_end, repeat=repeat, with_actions=with_actions,
-      instruction_key=_instruction_key(builder, instruction_key))
+      instruction_key=_instruction_key(builder, instruction_key), image_dtype=image_dtype)
   iterator.check_pairs()
   return iterator

@@ -42,7 +42,6 @@ import tensorflow as tf
 from lapa_jax.data import mixtures
 from lapa_jax.data import oxe
 from lapa_jax.data import pairs
-from lapa_jax.data import rlds
 from lapa_jax.data import statistics
 
 DataError = oxe.DataError
@@ -111,11 +110,6 @@ class Source:
   @property
   def name(self) -> str:
     return self.dataset.spec.name
-
-  @property
-  def image_shape(self) -> tuple:
-    """Stored shape of the primary image, (height, width, 3); None for sizes that vary."""
-    return tuple(rlds.step_features(self.dataset.builder)[self.dataset.spec.image_key].shape)
 
   @property
   def key(self) -> int:
@@ -244,30 +238,29 @@ class SampleStream:
     self._episode, self._order, self._taken = None, np.zeros(0, np.int64), 0
     self._skip = int(state['taken'])
 
-  def _starts(self, length: int) -> np.ndarray:
+  def _samples(self, length: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Step indices (first, second) of the samples of an episode: its pairs, or its steps (None)."""
     if self.mode == 'steps':
-      return np.arange(length)
-    if self.episode_end == 'drop':
-      return np.arange(max(0, length - self.source.frame_offset))
-    return np.arange(length)
+      return np.arange(length), None
+    return pairs.pair_indices(length, self.source.frame_offset, self.episode_end)
 
   def _load_next_episode(self) -> None:
     empty = 0
     while True:
       self._episode_state = self.episodes.state()
       episode, index, counter = self.episodes.next()
-      starts = self._starts(len(episode['image']))
-      if starts.size:
+      first, second = self._samples(len(episode['image']))
+      if first.size:
         break
       empty += 1
       if empty > self.total_episodes:
         raise DataError(f'{self.source.name}: no episode has more than frame_offset '
                         f'{self.source.frame_offset} steps; lower the offset or use episode_end="clamp"')
     # Seeded by the episode and its epoch (via the counter): another subset each epoch.
-    order = _seed(self.seed, self.source.key, counter, index).permutation(starts)
+    order = _seed(self.seed, self.source.key, counter, index).permutation(first)
     if self.max_samples:
       order = order[:self.max_samples]
-    self._episode, self._index, self._order = episode, index, order
+    self._episode, self._index, self._order, self._second = episode, index, order, second
     self._taken, self._skip = self._skip, 0
 
   def take(self, count: int) -> dict[str, np.ndarray]:
@@ -286,7 +279,7 @@ class SampleStream:
       part = {'instruction': self._episode['instruction'][chosen],
               'episode_index': np.full(len(chosen), self._index, np.int64)}
       if self.mode == 'pairs':
-        second = np.minimum(chosen + self.source.frame_offset, len(images) - 1)
+        second = self._second[chosen]  # first == arange, so a start is its own position
         part['frames'] = np.stack([images[chosen], images[second]], axis=1)
         part['frame_offset'] = (second - chosen).astype(np.int32)
       else:
@@ -327,8 +320,6 @@ class Mixture:
     self.autotune_ram_budget = autotune_ram_budget
     self.probabilities = np.array([source.probability for source in sources])
     self.names = np.array([source.name.encode() for source in sources], dtype=object)
-    # Stored at the output size (pre-resized copies): decoding is all there is to do.
-    self.needs_resize = any(tuple(source.image_shape[:2]) != (image_size, image_size) for source in sources)
     self._normalizers = [self._normalizer(source) for source in sources]
 
   def new_streams(self) -> list[SampleStream]:
@@ -390,29 +381,8 @@ class Mixture:
 
   def decode(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """One encoded sample -> uint8 frames at image_size (resized only if stored at another size)."""
-    size = [self.image_size, self.image_size]
-
-    def frame(encoded):
-      image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-      image.set_shape([None, None, 3])
-      return image
-
-    frames = example.pop('frames')
-    images = tf.stack([frame(frames[0]), frame(frames[1])]) if self.mode == 'pairs' else frame(frames)
-    if self.needs_resize:
-      def resized():  # one resize of the stacked pair: both frames get the same geometry
-        resized = tf.image.resize(images, size, method='bilinear', antialias=True)
-        return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
-
-      same_size = tf.reduce_all(tf.equal(tf.shape(images)[-3:-1], size))
-      images = tf.cond(same_size, lambda: images, resized)
-    example[self.image_name] = tf.ensure_shape(images, ([2] if self.mode == 'pairs' else []) + size + [3])
+    example[self.image_name] = pairs.decode_frames(example.pop('frames'), (self.image_size, self.image_size))
     return example
-
-  def to_float(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """uint8 -> float32 in [0, 1] once per batch: converting per sample and then batching would
-    copy the four times larger float frames one more time."""
-    return {**batch, self.image_name: tf.image.convert_image_dtype(batch[self.image_name], tf.float32)}
 
 
 class MixtureIterator:
@@ -488,7 +458,7 @@ class _Run:
     dataset = dataset.unbatch().map(mixture.decode, num_parallel_calls=mixture.decode_threads, deterministic=True)
     dataset = dataset.batch(mixture.batch_size, drop_remainder=True)
     if mixture.image_dtype == 'float32':
-      dataset = dataset.map(mixture.to_float)
+      dataset = dataset.map(lambda batch: pairs.to_float(batch, mixture.image_name))
     dataset = dataset.prefetch(2)
     options = tf.data.Options()
     options.deterministic = True
@@ -631,7 +601,7 @@ def build_sources(config, *, mode: str, process_index: int, process_count: int,
     raise DataError(f'mode must be one of {MODES}, got {mode!r}')
   for field, allowed in (('episode_end', pairs.EPISODE_ENDS), ('balance', mixtures.BALANCES),
                          ('on_corrupt', oxe.CORRUPT_POLICIES), ('action_normalization', NORMALIZATIONS),
-                         ('image_dtype', ('float32', 'uint8'))):
+                         ('image_dtype', pairs.IMAGE_DTYPES)):
     if config[field] not in allowed:
       raise DataError(f'data.{field} must be one of {allowed}, got {config[field]!r}')
   policy = config.missing_instruction or ('empty' if mode == 'pairs' else 'error')

@@ -1,8 +1,9 @@
-"""Open and read RLDS datasets (Open-X layout) from local or gs:// directories, offline.
+"""Open and read RLDS datasets (Open-X layout) from local or gs:// directories, offline; write them.
 
     builder = open_builder('/data/oxe/bridge_dataset')        # or '.../bridge_dataset/1.0.0'
     image_keys(builder)                                      # ['observation/image_0', ...]
     ds = episodes(builder, 'train', process_index=0, process_count=2)
+    write_dataset('/data/mine/1.0.0', name='mine', version='1.0.0', features=..., splits={'train': ...})
 
 Datasets are opened with `tfds.builder_from_directory(<dir>/<name>/<version>)`, never by registered
 name: on TFDS >= 4.9.4 the Open-X names are registered builders that fetch their metadata from GCS
@@ -13,7 +14,7 @@ that callers can shuffle cheaply and decode only what they use.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -133,10 +134,19 @@ def dataset_fps(builder: tfds.core.DatasetBuilder) -> float | None:
 
 
 def get_path(tree: Mapping[str, Any], path: str):
-  """`tree['a']['b']` for path 'a/b' (RLDS step fields are nested dicts)."""
-  for key in path.split('/'):
-    tree = tree[key]
-  return tree
+  """`tree['a']['b']` for path 'a/b' (RLDS step fields are nested dicts). A key may itself contain
+  '/' (kuka's 'observation' holds 'clip_function_input/base_pose_tool_reached')."""
+  if path in tree:
+    return tree[path]
+  parts = path.split('/')
+  for split_at in range(1, len(parts)):
+    head = '/'.join(parts[:split_at])
+    if head in tree and isinstance(tree[head], Mapping):
+      try:
+        return get_path(tree[head], '/'.join(parts[split_at:]))
+      except KeyError:
+        continue
+  raise KeyError(path)
 
 
 def process_split(split: str, process_index: int = 0, process_count: int = 1):
@@ -149,12 +159,15 @@ def process_split(split: str, process_index: int = 0, process_count: int = 1):
 
 
 def episodes(builder: tfds.core.DatasetBuilder, split: str, *, process_index: int = 0,
-             process_count: int = 1, shuffle_files_seed: int | None = None) -> tf.data.Dataset:
+             process_count: int = 1, shuffle_files_seed: int | None = None,
+             sequential: bool = False) -> tf.data.Dataset:
   """Episodes of this process's slice of `split`, images still ENCODED.
 
   Each element is {'steps': {field: (time, ...) tensors}, ...episode-level features}: step fields are
   stacked over time (SkipDecoding), images are (time,) tf.string. Episodes come in file order, or in
-  a file order shuffled with `shuffle_files_seed`, deterministically.
+  a file order shuffled with `shuffle_files_seed`, deterministically. TFDS reads 16 files at once,
+  interleaving blocks of 16 episodes; `sequential=True` reads one after the other, so that the
+  episodes of a split expression such as 'train[3:6]+train[0:3]' come exactly in its order.
   """
   check_split(builder, split)
   local_split = process_split(split, process_index, process_count)
@@ -168,6 +181,8 @@ def episodes(builder: tfds.core.DatasetBuilder, split: str, *, process_index: in
       # only hold every decoded-on-read episode in RAM a second time.
       try_autocache=False,
       skip_prefetch=True)
+  if sequential:
+    read_config = read_config.replace(interleave_cycle_length=1)
   dataset = builder.as_dataset(
       split=local_split,
       shuffle_files=shuffle_files_seed is not None,
@@ -176,3 +191,71 @@ def episodes(builder: tfds.core.DatasetBuilder, split: str, *, process_index: in
   options = tf.data.Options()
   options.deterministic = True
   return dataset.with_options(options)
+
+
+def write_dataset(version_dir: str | os.PathLike, *, name: str, version: str,
+                  features: tfds.features.FeaturesDict, splits: Mapping[str, Iterable[dict]],
+                  description: str = '', metadata: dict | Callable[[], dict] | None = None,
+                  extra_files: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+                  episodes_per_shard: int = 100, progress: bool = True, total: int | None = None,
+                  postfix: Callable[[dict], Mapping[str, Any]] | None = None) -> str:
+  """Writes episodes as a TFDS/RLDS dataset at `version_dir` (`<data_dir>/<name>/<version>`).
+
+  `features` is a FeaturesDict with a 'steps' Dataset; `splits` maps each split to its episodes,
+  {'steps': [step dicts], ...episode fields}, as `features` encodes them (images as arrays or
+  already-encoded bytes). tfds.core.SequentialWriter writes them in the given order,
+  `episodes_per_shard` per tfrecord shard, into a temporary directory next to `version_dir` that is
+  renamed when complete (and removed on failure). `metadata` (TFDS' metadata.json, read back as
+  builder.info.metadata) and `extra_files` ({file name: JSON value}) may be functions called after
+  the last episode, for what only the episodes tell (a video's fps). A tqdm bar counts the episodes
+  (of `total`), showing `postfix(episode)`.
+  """
+  import json
+  import shutil
+  import tempfile
+
+  import tqdm
+
+  version_dir = os.fspath(version_dir).rstrip('/')
+  if os.path.exists(version_dir):
+    raise DataError(f'{version_dir}: already exists; remove it or choose another output directory')
+  parent = os.path.dirname(version_dir)
+  if os.path.exists(parent) and not os.path.isdir(parent):
+    raise DataError(f'{parent}: exists and is not a directory')
+  os.makedirs(parent, exist_ok=True)
+  temp_dir = tempfile.mkdtemp(prefix=f'.{os.path.basename(version_dir)}.incomplete-', dir=parent)
+  try:
+    metadata_dict = tfds.core.MetadataDict(metadata if isinstance(metadata, Mapping) else {})
+    info = tfds.core.DatasetInfo(
+        builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(version),
+                                          data_dir=temp_dir, module_name=''),
+        description=description, features=features, metadata=metadata_dict)
+    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=episodes_per_shard)
+    writer.initialize_splits(list(splits))
+    with tqdm.tqdm(total=total, desc=f'write {name}', unit='episode', disable=not progress) as bar:
+
+      def counted(split, episodes):
+        count = 0
+        for episode in episodes:
+          yield episode
+          count += 1
+          if postfix is not None:
+            bar.set_postfix(postfix(episode), refresh=False)
+          bar.update(1)
+        if count == 0:
+          raise DataError(f'{version_dir}: split {split!r} has no episodes')
+
+      for split, episodes in splits.items():
+        # SequentialWriter serialises and shards the examples one by one as it iterates them.
+        writer.add_examples({split: counted(split, episodes)})
+    if callable(metadata):
+      metadata_dict.update(metadata())
+    writer.close_all()  # also writes dataset_info.json, features.json and metadata.json
+    extra_files = extra_files() if callable(extra_files) else extra_files or {}
+    for file_name, content in extra_files.items():
+      with open(os.path.join(temp_dir, file_name), 'w') as f:
+        json.dump(content, f, indent=2)
+    os.rename(temp_dir, version_dir)
+  finally:
+    shutil.rmtree(temp_dir, ignore_errors=True)
+  return version_dir

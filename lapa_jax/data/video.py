@@ -1,4 +1,4 @@
-"""Human videos -> an RLDS dataset without actions (`lapa import-videos`), and the RLDS writer.
+"""Human videos -> an RLDS dataset without actions (`lapa import-videos`).
 
     lapa import-videos SRC OUT --name sthsthv2 --instructions labels.json [--fps 12] [--size 256]
 
@@ -20,7 +20,7 @@ import json
 import os
 import re
 import sys
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -32,70 +32,6 @@ SPEC_FILE = 'lapa_spec.json'  # the file oxe.spec_from_metadata reads
 
 class VideoImportError(ValueError):
   """Bad import-videos input; one line naming the file and what was expected."""
-
-
-# --- writing RLDS ---------------------------------------------------------------------------------
-
-def write_rlds(version_dir: str, *, name: str, version: str, features, splits: Mapping[str, Iterable[dict]],
-               episodes_per_shard: int = 100, description: str = '',
-               spec: dict | Callable[[], dict] | None = None) -> str:
-  """Writes episodes as a TFDS/RLDS dataset at `version_dir` (`<data_dir>/<name>/<version>`).
-
-  `features` is a tfds.features.FeaturesDict with a 'steps' Dataset; each split's examples are
-  {'steps': [step dicts], ...episode fields} (images as arrays or already-encoded bytes). Shards are
-  `<name>-<split>.tfrecord-XXXXX-of-YYYYY`; everything goes to a temporary directory that is renamed
-  to `version_dir` when complete. `spec` (fps, image_key, ...; or a function returning it, called
-after the episodes are written) is written as lapa_spec.json, its fps also to TFDS' metadata.json.
-  """
-  import tensorflow as tf
-  import tensorflow_datasets as tfds
-
-  if tf.io.gfile.exists(version_dir):
-    raise VideoImportError(f'{version_dir}: already exists; remove it or choose another output directory')
-  tmp_dir = version_dir.rstrip('/') + '.incomplete'
-  if tf.io.gfile.exists(tmp_dir):
-    tf.io.gfile.rmtree(tmp_dir)
-  tf.io.gfile.makedirs(tmp_dir)
-  split_infos = []
-  for split, examples in splits.items():
-    shard_paths, shard_lengths, num_bytes = [], [], 0
-    writer = None
-    for example in examples:
-      if writer is None or shard_lengths[-1] >= episodes_per_shard:
-        if writer is not None:
-          writer.close()
-        shard_paths.append(os.path.join(tmp_dir, f'{name}-{split}.shard{len(shard_paths)}'))
-        shard_lengths.append(0)
-        writer = tf.io.TFRecordWriter(shard_paths[-1])
-      record = features.serialize_example(example)
-      writer.write(record)
-      shard_lengths[-1] += 1
-      num_bytes += len(record)
-    if writer is None:
-      raise VideoImportError(f'{version_dir}: split {split!r} has no episodes')
-    writer.close()
-    for index, path in enumerate(shard_paths):  # the shard count is known only now
-      tf.io.gfile.rename(path, os.path.join(
-          tmp_dir, f'{name}-{split}.tfrecord-{index:05d}-of-{len(shard_paths):05d}'))
-    split_infos.append(tfds.core.SplitInfo(name=split, shard_lengths=shard_lengths, num_bytes=num_bytes))
-  tfds.folder_dataset.write_metadata(data_dir=tmp_dir, features=features, split_infos=split_infos,
-                                     version=version, check_data=False, description=description)
-  info_path = os.path.join(tmp_dir, 'dataset_info.json')
-  with tf.io.gfile.GFile(info_path) as f:
-    info = json.load(f)
-  info['name'] = name  # write_metadata names the dataset after the directory it is given
-  with tf.io.gfile.GFile(info_path, 'w') as f:
-    json.dump(info, f, indent=2)
-  if spec is not None:
-    spec = spec() if callable(spec) else spec
-    with tf.io.gfile.GFile(os.path.join(tmp_dir, SPEC_FILE), 'w') as f:
-      json.dump(spec, f, indent=2)
-    # TFDS' own metadata file, where rlds.dataset_fps (and builder.info.metadata) find the rate.
-    with tf.io.gfile.GFile(os.path.join(tmp_dir, 'metadata.json'), 'w') as f:
-      json.dump({key: spec[key] for key in ('fps', 'embodiment') if key in spec}, f, indent=2)
-  tf.io.gfile.makedirs(os.path.dirname(version_dir.rstrip('/')))
-  tf.io.gfile.rename(tmp_dir, version_dir)
-  return version_dir
 
 
 # --- reading videos -------------------------------------------------------------------------------
@@ -245,7 +181,7 @@ def import_videos(source: str, out_dir: str, *, name: str, instructions: str | N
                   skip_unlabeled: bool = False, workers: int | None = None,
                   episodes_per_shard: int = 100, version: str = '1.0.0', progress: bool = True) -> str:
   """Imports the videos under `source` as `out_dir/<name>/<version>`; returns that directory."""
-  from tqdm import tqdm
+  from lapa_jax.data import rlds  # TensorFlow, only when writing
 
   videos = list_videos(source)
   labels = read_instructions(instructions) if instructions else None
@@ -275,9 +211,7 @@ def import_videos(source: str, out_dir: str, *, name: str, instructions: str | N
   skipped = []
 
   def episodes():
-    loaded = ordered_map(load, videos, workers or os.cpu_count() or 1)
-    for video_id, path, frames, rate in tqdm(loaded, total=len(videos), desc=f'import {name}',
-                                             disable=not progress):
+    for video_id, path, frames, rate in ordered_map(load, videos, workers or os.cpu_count() or 1):
       if len(frames) < min_frames:
         skipped.append(video_id)
         continue
@@ -287,14 +221,17 @@ def import_videos(source: str, out_dir: str, *, name: str, instructions: str | N
                                'pass --fps to resample every video to one rate')
       yield _episode(video_id, path, frames, labels[video_id] if labels else None, rate)
 
-  spec = {'embodiment': 'human', 'image_key': 'observation/image',
-          'instruction_key': 'language_instruction' if labels else None}
-  os.makedirs(out_dir, exist_ok=True)
-  write_rlds(version_dir, name=name, version=version, features=video_features(size, labels is not None),
-             splits={'train': episodes()}, episodes_per_shard=episodes_per_shard,
-             description=f'Human videos imported from {os.path.basename(source.rstrip("/"))} by lapa import-videos.',
-             # The fps is known once the videos are read; write_rlds asks for the spec last.
-             spec=lambda: {**spec, 'fps': float(rates.pop())})
+  def spec() -> dict:  # the fps is known once the videos are read
+    return {'embodiment': 'human', 'image_key': 'observation/image',
+            'instruction_key': 'language_instruction' if labels else None, 'fps': float(next(iter(rates)))}
+
+  rlds.write_dataset(
+      version_dir, name=name, version=version, features=video_features(size, labels is not None),
+      splits={'train': episodes()}, episodes_per_shard=episodes_per_shard, progress=progress, total=len(videos),
+      description=f'Human videos imported from {os.path.basename(source.rstrip("/"))} by lapa import-videos.',
+      # TFDS' metadata.json is where rlds.dataset_fps (builder.info.metadata) finds the rate.
+      metadata=lambda: {key: spec()[key] for key in ('fps', 'embodiment')},
+      extra_files=lambda: {SPEC_FILE: spec()})
   if skipped:
     print(f'import-videos: skipped {len(skipped)} videos with fewer than {min_frames} frames '
           f'(e.g. {", ".join(skipped[:3])})', file=sys.stderr)
@@ -314,11 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--workers', type=int, help='decoding threads (default: CPU count)')
   parser.add_argument('--episodes-per-shard', type=int, default=100)
   args = parser.parse_args(argv)
+  from lapa_jax.data import rlds
   try:
     path = import_videos(args.source, args.out, name=args.name, instructions=args.instructions, fps=args.fps,
                          size=args.size, min_frames=args.min_frames, skip_unlabeled=args.skip_unlabeled,
                          workers=args.workers, episodes_per_shard=args.episodes_per_shard)
-  except VideoImportError as error:
+  except (VideoImportError, rlds.DataError) as error:
     print(f'lapa import-videos: {error}', file=sys.stderr)
     return 2
   print(path)

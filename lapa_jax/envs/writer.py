@@ -21,11 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
@@ -33,6 +30,7 @@ from lapa_jax.envs import expert, render, world
 from lapa_jax.envs.env import TabletopEnv
 
 DATASET_VERSION = '1.0.0'
+PAIR_SECONDS = 0.6            # LAQ frame-pair window for both embodiments
 SPEC_FILE = 'lapa_spec.json'   # read by lapa_jax.data.oxe.spec_from_metadata
 
 
@@ -123,7 +121,10 @@ class Settings:
     """lapa_spec.json: how lapa_jax's Open-X layer (data/oxe.py spec_from_metadata) reads it."""
     spec = {'fps': float(world.FPS), 'image_key': 'observation/image',
             'instruction_key': 'language_instruction',
-            'embodiment': 'robot' if self.embodiment == 'robot' else 'human'}
+            'embodiment': 'robot' if self.embodiment == 'robot' else 'human',
+            # The hand moves at the robot's speed in this world, so both pair frames 0.6 s apart
+            # (not the 2.4 s default for human video) and a latent action means the same motion.
+            'frame_offset_seconds': PAIR_SECONDS}
     if self.embodiment == 'robot':
       spec['action_key'] = 'action'
     return spec
@@ -135,62 +136,43 @@ class Settings:
             'task_kinds': list(world.TASK_KINDS)}
 
 
-def _builder_class(settings: Settings, on_episode):
+def features(settings: Settings):
+  """The RLDS features of the dataset (the robot's steps also carry the action)."""
   # TFDS is imported here so that `lapa --help` and the world itself stay free of TensorFlow.
   import tensorflow_datasets as tfds
-  from tensorflow_datasets.rlds import rlds_base
 
-  class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    name = dataset_name(settings.embodiment)
-    VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: 'Built-in tabletop world episodes from the scripted expert.'}
+  size = settings.image_size
+  step = {
+      'observation': tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(size, size, 3), dtype=np.uint8, encoding_format='jpeg',
+                                       doc='Top-down camera RGB.')}),
+      'language_instruction': tfds.features.Text(doc='Language instruction.'),
+      'reward': tfds.features.Scalar(np.float32, doc='1 on the last step if the task was solved.'),
+      'discount': tfds.features.Scalar(np.float32, doc='Always 1.'),
+      'is_first': tfds.features.Scalar(np.bool_),
+      'is_last': tfds.features.Scalar(np.bool_),
+      'is_terminal': tfds.features.Scalar(np.bool_)}
+  if settings.embodiment == 'robot':
+    step['action'] = tfds.features.Tensor(
+        shape=(world.ACTION_DIM,), dtype=np.float32,
+        doc='[dx, dy, 0, 0, 0, 0, gripper]: effector displacement in table units per step.')
+  return tfds.features.FeaturesDict({
+      'steps': tfds.features.Dataset(step),
+      'episode_metadata': tfds.features.FeaturesDict({
+          'episode_id': tfds.features.Scalar(np.int64, doc='Index of the episode in the dataset.'),
+          'seed': tfds.features.Scalar(np.int64, doc='TabletopEnv.reset(seed) replays this episode.'),
+          'task': tfds.features.Text(doc=f'Task kind, one of {", ".join(world.TASK_KINDS)}.'),
+          'success': tfds.features.Scalar(np.bool_, doc='Whether the expert solved the task.'),
+      })})
 
-    def _info(self) -> tfds.core.DatasetInfo:
-      size = settings.image_size
-      config = rlds_base.DatasetConfig(
-          name=settings.embodiment,
-          overall_description=settings.description(),
-          observation_info=tfds.features.FeaturesDict({
-              'image': tfds.features.Image(shape=(size, size, 3), dtype=np.uint8,
-                                           encoding_format='jpeg', doc='Top-down camera RGB.')}),
-          action_info=(tfds.features.Tensor(
-              shape=(world.ACTION_DIM,), dtype=np.float32,
-              doc='[dx, dy, 0, 0, 0, 0, gripper]: effector displacement in table units per step.')
-                       if settings.embodiment == 'robot' else None),
-          reward_info=tfds.features.Scalar(np.float32, doc='1 on the last step if the task was solved.'),
-          discount_info=tfds.features.Scalar(np.float32, doc='Always 1.'),
-          step_metadata_info={'language_instruction': tfds.features.Text(doc='Language instruction.')},
-          episode_metadata_info={'episode_metadata': tfds.features.FeaturesDict({
-              'episode_id': tfds.features.Scalar(np.int64, doc='Index of the episode in the dataset.'),
-              'seed': tfds.features.Scalar(np.int64, doc='TabletopEnv.reset(seed) replays this episode.'),
-              'task': tfds.features.Text(doc=f'Task kind, one of {", ".join(world.TASK_KINDS)}.'),
-              'success': tfds.features.Scalar(np.bool_, doc='Whether the expert solved the task.'),
-          })})
-      return rlds_base.build_info(config, self, settings.metadata())
 
-    # TFDS would announce the temporary directory; write_dataset reports the final one instead.
-    def _log_download_bytes(self) -> None:
-      pass
-
-    def _log_download_done(self) -> None:
-      pass
-
-    def _split_generators(self, dl_manager):
-      del dl_manager  # everything is generated locally
-      num_train = settings.episodes - settings.num_val
-      return {'train': self._generate_examples(range(num_train)),
-              'val': self._generate_examples(range(num_train, settings.episodes))}
-
-    def _generate_examples(self, indices):
-      for index in indices:
-        seed = episode_seed(settings.seed, settings.embodiment, index)
-        episode = rollout(settings.embodiment, seed, settings.image_size, settings.max_steps,
-                          settings.noise)
-        episode['episode_metadata']['episode_id'] = index
-        on_episode(episode)
-        yield index, episode
-
-  return WorldBuilder
+def expert_episodes(settings: Settings, indices):
+  """The expert episodes `indices` of the dataset, each with its index in episode_metadata."""
+  for index in indices:
+    seed = episode_seed(settings.seed, settings.embodiment, index)
+    episode = rollout(settings.embodiment, seed, settings.image_size, settings.max_steps, settings.noise)
+    episode['episode_metadata']['episode_id'] = index
+    yield episode
 
 
 def write_dataset(out_dir: str, embodiment: str = 'robot', episodes: int = 100, seed: int = 0,
@@ -198,47 +180,29 @@ def write_dataset(out_dir: str, embodiment: str = 'robot', episodes: int = 100, 
                   val_fraction: float = 0.1, noise: float = expert.NOISE) -> str:
   """Writes the dataset and returns the versioned directory `out_dir/<name>/<version>`.
 
-  It is built in a temporary directory inside out_dir and renamed when complete; an existing
-  dataset at the destination is an error, never overwritten.
+  It is built in a temporary directory and renamed when complete; an existing dataset at the
+  destination is an error, never overwritten.
   """
   settings = Settings(embodiment, episodes, seed, image_size, max_steps, val_fraction, noise)
   settings.check()
-  name = dataset_name(embodiment)
-  final_dir = os.path.join(out_dir, name, DATASET_VERSION)
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise ValueError(f'out: {out_dir!r} exists and is not a directory')
-  if os.path.exists(final_dir):
-    raise ValueError(f'out: {final_dir!r} already exists; remove it or choose another --out')
-  os.makedirs(out_dir, exist_ok=True)
+  from lapa_jax.data import rlds  # TensorFlow, only when writing
 
-  import tensorflow_datasets as tfds
-  import tqdm
-
-  temp_dir = tempfile.mkdtemp(prefix=f'.{name}-incomplete-', dir=out_dir)
+  name = dataset_name(embodiment)
+  num_train = settings.episodes - settings.num_val
   solved = []
-  try:
-    with tqdm.tqdm(total=episodes, desc=f'lapa world {embodiment}', unit='episode') as progress:
 
-      def on_episode(episode: dict) -> None:
-        solved.append(episode['episode_metadata']['success'])
-        progress.set_postfix(expert_success=f'{np.mean(solved):.0%}', refresh=False)
-        progress.update(1)
+  def expert_success(episode: dict) -> dict:
+    solved.append(episode['episode_metadata']['success'])
+    return {'expert_success': f'{np.mean(solved):.0%}'}
 
-      builder = _builder_class(settings, on_episode)(data_dir=temp_dir)
-      tfds.display_progress_bar(False)   # ours counts episodes over both splits
-      try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
-      finally:
-        tfds.display_progress_bar(True)
-    version_dir = os.path.join(temp_dir, name, DATASET_VERSION)
-    with open(os.path.join(version_dir, SPEC_FILE), 'w') as f:
-      json.dump(settings.spec(), f, indent=2)
-    os.makedirs(os.path.dirname(final_dir), exist_ok=True)
-    os.rename(version_dir, final_dir)
-  finally:
-    shutil.rmtree(temp_dir, ignore_errors=True)
-  return final_dir
+  return rlds.write_dataset(
+      os.path.join(out_dir, name, DATASET_VERSION), name=name, version=DATASET_VERSION,
+      features=features(settings), description=settings.description(), metadata=settings.metadata(),
+      extra_files={SPEC_FILE: settings.spec()}, total=settings.episodes, postfix=expert_success,
+      splits={'train': expert_episodes(settings, range(num_train)),
+              'val': expert_episodes(settings, range(num_train, settings.episodes))})
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
