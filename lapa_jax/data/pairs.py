@@ -106,7 +106,7 @@ def _instruction_key(builder, instruction_key: str | None) -> str | None:
                            f'step features: {", ".join(sorted(features))}')
     return instruction_key
   for key in INSTRUCTION_KEYS:
-    if key in features and features[key].dtype == tf.string:
+    if key in features and features[key].tf_dtype == tf.string:
       return key
   return None
 

@@ -110,7 +110,7 @@ def step_features(builder: tfds.core.DatasetBuilder) -> dict[str, tfds.features.
 def image_keys(builder: tfds.core.DatasetBuilder) -> list[str]:
   """Paths of the 8-bit image features of a step, e.g. ['observation/image_0', 'observation/wrist']."""
   return sorted(key for key, feature in step_features(builder).items()
-                if isinstance(feature, tfds.features.Image) and feature.dtype == tf.uint8)
+                if isinstance(feature, tfds.features.Image) and feature.tf_dtype == tf.uint8)
 
 
 def check_image_key(builder: tfds.core.DatasetBuilder, image_key: str) -> tfds.features.Image:
