@@ -13,36 +13,42 @@ import sys
 COMMANDS = {
     # name: (module, one-line help)
     'world': ('lapa_jax.envs.writer', 'write built-in tabletop world episodes as an RLDS dataset'),
-    'train': ('lapa_jax.train.loop', 'train a stage: lapa train configs/<stage>.py:<preset> --workdir DIR'),
+    'inspect-data': ('lapa_jax.data.inspect', 'check a data directory: versions, keys, fps, offsets, stats, PNGs'),
     'import-videos': ('lapa_jax.data.video', 'human videos (frame folders or mp4/webm) + instructions -> RLDS'),
     'resize-dataset': ('lapa_jax.data.resize', 'copy an RLDS dataset with its images resized: IN OUT --size 256'),
-    'inspect-data': ('lapa_jax.data.inspect', 'check a data directory: versions, keys, fps, offsets, stats, PNGs'),
+    'train': ('lapa_jax.train.loop', 'train a stage: lapa train configs/<stage>.py:<preset> --workdir DIR'),
+    'laq-infer': ('lapa_jax.laq_infer', 'latent action codes and reconstructions of frame pairs (.npz)'),
+    'convert': ('lapa_jax.convert.cli', 'import released weights: lapa convert <source> ... (official-laq, easylm, ...)'),
 }
 
 
-def usage() -> str:
-  width = max(len(n) for n in COMMANDS)
-  lines = ['usage: lapa <command> [args]', '', 'commands:']
-  lines += [f'  {name:<{width}}  {help_}' for name, (_, help_) in COMMANDS.items()]
-  lines += ['', "run 'lapa <command> --help' for a command's arguments"]
+def usage(prog: str, commands: dict, noun: str = 'command') -> str:
+  width = max(len(name) for name in commands)
+  lines = [f'usage: {prog} <{noun}> [args]', '', f'{noun}s:']
+  lines += [f'  {name:<{width}}  {help_}' for name, (_, help_) in commands.items()]
+  lines += ['', f"run '{prog} <{noun}> --help' for its arguments"]
   return '\n'.join(lines)
+
+
+def dispatch(prog: str, commands: dict, argv: list[str], noun: str = 'command') -> int:
+  """Runs `commands[argv[0]]`'s module `main(argv[1:])`; prints usage for help or an unknown name."""
+  if not argv or argv[0] in ('-h', '--help', 'help'):
+    print(usage(prog, commands, noun))
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in commands:
+    print(f'{prog}: unknown {noun} {name!r}\n\n{usage(prog, commands, noun)}', file=sys.stderr)
+    return 2
+  return int(importlib.import_module(commands[name][0]).main(rest) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if not argv or argv[0] in ('-h', '--help', 'help'):
-    print(usage())
-    return 0
-  name, rest = argv[0], argv[1:]
-  if name not in COMMANDS:
-    print(f"lapa: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-    return 2
   if os.environ.get('LAPA_DISTRIBUTED') == '1':
     # Set by launch/tpu_pod.sh and launch/slurm_gpu.sh: the cluster is auto-detected (TPU, SLURM).
     import jax
     jax.distributed.initialize()
-  module = importlib.import_module(COMMANDS[name][0])
-  return int(module.main(rest) or 0)
+  return dispatch('lapa', COMMANDS, argv)
 
 
 if __name__ == '__main__':
