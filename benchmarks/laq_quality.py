@@ -1,0 +1,132 @@
+"""Quality of a LAQ trained on the built-in world: reconstruction, code usage, action purity.
+
+    python benchmarks/laq_quality.py --workdir /tmp/laq_quality      [--config.total_steps=3000 ...]
+
+1. Writes the built-in world's robot episodes (with expert actions) as RLDS, unless present.
+2. Trains `configs/laq.py:demo` on them with `lapa train`'s loop (resumes if the workdir has a run).
+3. On held-out pairs reports (a) reconstruction PSNR against copying x_t, (b) codebook perplexity,
+   overall and per code position (8 = every code used equally), and (c) action purity: each code
+   tuple seen on the train pairs is mapped to the majority compass direction (8 sectors) of the
+   expert's summed (dx, dy) over the pair; purity is the accuracy of that map on held-out pairs
+   (chance 12.5%). Pairs whose effector barely moves have no direction and are left out (their
+   share is reported); held-out tuples never seen in training count as wrong.
+
+Targets (issue 3): purity >= 0.7 and perplexity >= 6 of 8 per position, training <= 15 min on
+2 CPU cores. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lapa_jax import config as config_lib  # noqa: E402
+from lapa_jax import laq_infer, sharding  # noqa: E402
+from lapa_jax.data import pairs as pairs_lib  # noqa: E402
+from lapa_jax.envs import writer  # noqa: E402
+from lapa_jax.models import laq as laq_model  # noqa: E402
+from lapa_jax.models import nsvq  # noqa: E402
+from lapa_jax.train import laq as laq_stage  # noqa: E402
+from lapa_jax.train import loop  # noqa: E402
+
+DIRECTIONS = 8
+PURITY_TARGET, PERPLEXITY_TARGET = 0.7, 6.0
+
+
+def compass_sector(displacement: np.ndarray) -> np.ndarray:
+  """(n, 2) (dx, dy) -> sector 0..7 counter-clockwise from +x (east), each 45 degrees wide."""
+  angle = np.arctan2(displacement[:, 1], displacement[:, 0])
+  return np.round(angle / (2 * np.pi / DIRECTIONS)).astype(int) % DIRECTIONS
+
+
+def read_pairs(config, resolved: dict, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+  """Up to `limit` pairs of one pass over `split`: video (n, 2, H, W, 3) and (dx, dy) summed over the pair."""
+  iterator = pairs_lib.pair_iterator(
+      resolved['path'], split=split, image_key=resolved['image_key'], frame_offset=resolved['frame_offset'],
+      image_size=config.model.image_size, batch_size=64, seed=1, shuffle_buffer=20_000, repeat=False,
+      with_actions=True)
+  videos, moves = [], []
+  for batch in iterator:
+    videos.append(batch['video'])
+    moves.append(batch['actions'][..., :2].sum(axis=1))  # actions are [dx, dy, 0, 0, 0, 0, gripper]
+    if sum(len(v) for v in videos) >= limit:
+      break
+  return np.concatenate(videos)[:limit], np.concatenate(moves)[:limit]
+
+
+def purity(train_codes, train_moves, test_codes, test_moves, min_motion: float) -> dict:
+  train_moving = np.linalg.norm(train_moves, axis=-1) >= min_motion
+  test_moving = np.linalg.norm(test_moves, axis=-1) >= min_motion
+  votes = collections.defaultdict(collections.Counter)
+  for codes, sector in zip(map(tuple, train_codes[train_moving]), compass_sector(train_moves[train_moving])):
+    votes[codes][sector] += 1
+  table = {codes: counter.most_common(1)[0][0] for codes, counter in votes.items()}
+  test_sectors = compass_sector(test_moves[test_moving])
+  predicted = [table.get(codes, -1) for codes in map(tuple, test_codes[test_moving])]
+  seen = np.mean([codes in table for codes in map(tuple, test_codes[test_moving])])
+  return {'action_purity': float(np.mean(np.asarray(predicted) == test_sectors)),
+          'purity_chance': 1 / DIRECTIONS, 'code_tuples_in_train': len(table),
+          'test_tuples_seen_in_train': float(seen), 'test_pairs_with_motion': int(test_moving.sum()),
+          'test_pairs_without_motion_fraction': float(1 - test_moving.mean())}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', default='/tmp/lapa_laq_quality')
+  parser.add_argument('--episodes', type=int, default=300, help='robot episodes to write (10%% held out)')
+  parser.add_argument('--train-pairs', type=int, default=6000, help='train pairs that vote for each code tuple')
+  parser.add_argument('--min-motion', type=float, default=0.02, help='|(dx, dy)| below this has no direction')
+  overrides, rest = config_lib.split_overrides(sys.argv[1:])
+  args = parser.parse_args(rest)
+
+  data_root = os.path.join(args.workdir, 'data')
+  config = config_lib.load(str(ROOT / 'configs' / 'laq.py') + ':demo', overrides)
+  data_dir = os.path.join(data_root, writer.dataset_name('robot'), writer.DATASET_VERSION)
+  if not os.path.isdir(data_dir):
+    writer.write_dataset(data_root, 'robot', episodes=args.episodes, seed=0, image_size=config.model.image_size)
+  config = config_lib.load(str(ROOT / 'configs' / 'laq.py') + ':demo', [*overrides, f'--config.data.path={data_dir}'])
+
+  start = time.perf_counter()
+  state = loop.train(config, os.path.join(args.workdir, 'laq'), laq_stage.make_stage(config))
+  train_seconds = time.perf_counter() - start
+
+  resolved = laq_stage.resolve_data(config.data)
+  model = laq_model.from_config(config.model, config.dtype)
+  mesh = sharding.make_mesh(config.mesh_dim)
+  params = jax.device_get(state.params)
+  train_video, train_moves = read_pairs(config, resolved, config.data.split, args.train_pairs)
+  test_video, test_moves = read_pairs(config, resolved, config.data.eval_split, 100_000)
+  train_codes, _ = laq_infer.infer(model, params, train_video, mesh)
+  test_codes, recon = laq_infer.infer(model, params, test_video, mesh)
+
+  target = test_video[:, 1]
+  mse = np.mean((recon - target) ** 2, axis=(1, 2, 3))
+  copy_mse = np.mean((test_video[:, 0] - target) ** 2, axis=(1, 2, 3))
+  counts = lambda codes: np.bincount(codes.reshape(-1), minlength=config.model.codebook_size).astype(np.float32)
+  per_position = [float(nsvq.perplexity(counts(test_codes[:, p]))) for p in range(test_codes.shape[1])]
+  result = {
+      'benchmark': 'laq_quality', 'preset': 'demo', 'steps': int(state.step), 'train_seconds': round(train_seconds, 1),
+      'test_pairs': len(test_video), 'psnr': float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))),
+      'copy_psnr': float(np.mean(-10 * np.log10(np.maximum(copy_mse, 1e-10)))),
+      'psnr_of_mean_mse': float(-10 * np.log10(mse.mean())), 'copy_psnr_of_mean_mse': float(-10 * np.log10(copy_mse.mean())),
+      'perplexity': float(nsvq.perplexity(counts(test_codes))), 'perplexity_per_position': per_position,
+      **purity(train_codes, train_moves, test_codes, test_moves, args.min_motion),
+  }
+  result['meets_targets'] = bool(result['action_purity'] >= PURITY_TARGET and min(per_position) >= PERPLEXITY_TARGET)
+  result.update(cpu_count=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2))
+  print(json.dumps(result))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,1 @@
+"""Importers for released weights (official LAQ .pt, ...); `lapa convert <source> ...`."""
