@@ -1,6 +1,6 @@
 """Quality of a LAQ trained on the built-in world: reconstruction, code usage, action purity.
 
-    python benchmarks/laq_quality.py --workdir /tmp/laq_quality      [--config.total_steps=3000 ...]
+    python benchmarks/laq_quality.py --workdir /tmp/laq_quality      [--config.total_steps=2000 ...]
 
 1. Writes the built-in world's robot episodes (with expert actions) as RLDS, unless present.
 2. Trains `configs/laq.py:demo` on them with `lapa train`'s loop (resumes if the workdir has a run).
@@ -32,6 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lapa_jax import config as config_lib  # noqa: E402
+from lapa_jax import host_memory  # noqa: E402
 from lapa_jax import laq_infer, sharding  # noqa: E402
 from lapa_jax.data import pairs as pairs_lib  # noqa: E402
 from lapa_jax.envs import writer  # noqa: E402
@@ -82,6 +83,7 @@ def purity(train_codes, train_moves, test_codes, test_moves, min_motion: float) 
 
 
 def main() -> None:
+  host_memory.reexec_with_huge_pages()  # as `lapa` does
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', default='/tmp/lapa_laq_quality')
   parser.add_argument('--episodes', type=int, default=300, help='robot episodes to write (10%% held out)')
@@ -124,7 +126,8 @@ def main() -> None:
       **purity(train_codes, train_moves, test_codes, test_moves, args.min_motion),
   }
   result['meets_targets'] = bool(result['action_purity'] >= PURITY_TARGET and min(per_position) >= PERPLEXITY_TARGET)
-  result.update(cpu_count=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2))
+  result.update(cpu_count=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2),
+                huge_pages=host_memory.huge_pages_requested())
   print(json.dumps(result))
 
 

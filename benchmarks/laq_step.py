@@ -2,11 +2,11 @@
 
     python benchmarks/laq_step.py --preset small          # batch 8, the official PyTorch LAQ: 23.4 pairs/s
     python benchmarks/laq_step.py --preset paper          # batch 4, the official PyTorch LAQ: 0.46 pairs/s
-    XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/laq_step.py --preset small
+    LAPA_HUGE_PAGES=0 python benchmarks/laq_step.py --preset small   # without huge pages (lapa_jax/host_memory.py)
 
 The step is the one `lapa train` runs: the stage's loss (NSVQ noise substitution), gradients, the
 config's optimizer (Adam, clip 0.5) and dead-code revival, jitted with donated state, on random
-pairs (the input pipeline is benchmarked separately). The official figures are for the identical
+uint8 pairs as the stage's pipeline ships them (the input pipeline is benchmarked separately). The official figures are for the identical
 model configuration and batch on a 2-core CPU machine of the kind CI runs on. Prints one JSON line.
 """
 
@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lapa_jax import config as config_lib  # noqa: E402
+from lapa_jax import host_memory  # noqa: E402
 from lapa_jax.models import laq as laq_model  # noqa: E402
 from lapa_jax.train import laq as laq_stage  # noqa: E402
 from lapa_jax.train import loop, optim  # noqa: E402
@@ -66,6 +67,7 @@ def make_step(config):
 
 
 def main() -> None:
+  host_memory.reexec_with_huge_pages()  # as `lapa` does
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--preset', choices=sorted(OFFICIAL), default='small')
   parser.add_argument('--batch', type=int, default=None, help='default: the batch of the official figure')
@@ -79,7 +81,8 @@ def main() -> None:
                            [f'--config.batch_size={batch}', f'--config.model.variant={args.variant}'])
   init, step = make_step(config)
   image = config.model.image_size
-  video = jax.random.uniform(jax.random.PRNGKey(0), (batch, 2, image, image, config.model.channels))
+  video = jax.random.randint(jax.random.PRNGKey(0), (batch, 2, image, image, config.model.channels), 0, 256,
+                             jnp.int32).astype(jnp.uint8)
 
   start = time.perf_counter()
   state = init(jax.random.PRNGKey(0))
@@ -109,6 +112,7 @@ def main() -> None:
       'ratio_to_official': round(pairs_per_second / official, 3) if batch == official_batch else None,
       'device': jax.devices()[0].device_kind, 'device_count': jax.device_count(), 'cpu_count': os.cpu_count(),
       'load_average_1min': round(os.getloadavg()[0], 2), 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'huge_pages': host_memory.huge_pages_requested(),
   }
   print(json.dumps(result))
 

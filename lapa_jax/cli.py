@@ -10,6 +10,8 @@ import importlib
 import os
 import sys
 
+from lapa_jax import host_memory
+
 COMMANDS = {
     # name: (module, one-line help)
     'world': ('lapa_jax.envs.writer', 'write built-in tabletop world episodes as an RLDS dataset'),
@@ -43,7 +45,9 @@ def dispatch(prog: str, commands: dict, argv: list[str], noun: str = 'command') 
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+  if argv is None:  # run as the program (not called from Python): it may re-execute itself
+    host_memory.reexec_with_huge_pages()
+    argv = sys.argv[1:]
   if os.environ.get('LAPA_DISTRIBUTED') == '1':
     # Set by launch/tpu_pod.sh and launch/slurm_gpu.sh: the cluster is auto-detected (TPU, SLURM).
     import jax

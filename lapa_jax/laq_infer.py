@@ -58,6 +58,12 @@ def load_laq(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None):
     params = checkpoints.restore_params(target, step)
   finally:
     checkpoints.close()
+  # The restore is partial (only state.params): a param the checkpoint lacks comes back unfilled.
+  missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise ValueError(f'{workdir}: the checkpoint has no value for {len(missing)} params of this model '
+                     f'(e.g. {missing[0]}); was it written by another version of the model?')
   return config, model, params
 
 

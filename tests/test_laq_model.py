@@ -151,7 +151,7 @@ def test_cross_attention_null_keys_let_queries_ignore_the_context():
   assert params['params']['null_keys'].shape == (2, 2, 4)
   # With keys that never match, only the null values are read: the output ignores the context.
   p = jax.tree.map(lambda a: a, params)
-  p['params']['key']['kernel'] = jnp.zeros_like(p['params']['key']['kernel'])
+  p['params']['key_value']['kernel'] = p['params']['key_value']['kernel'].at[:, 0].set(0.0)
   p['params']['null_keys'] = jnp.ones_like(p['params']['null_keys']) * 10
   p['params']['query']['kernel'] = jnp.ones_like(p['params']['query']['kernel'])
   apply = jax.jit(attention.apply)

@@ -4,7 +4,6 @@ The fixture holds a tiny official LAQ (state dict as .pt and .npz, its construct
 pairs, and the official model's codes, reconstructions and forced-code reconstructions).
 """
 
-import io
 import pickle
 import zipfile
 

@@ -127,11 +127,8 @@ def official_key_map(model: ml_collections.ConfigDict) -> _KeyMap:
     keys.add(f'{key}.k_scale', (head_dim,), (*path, 'key_scale'))
     keys.add(f'{key}.to_q.weight', (inner, dim), (*path, 'query', 'kernel'), lambda x: x.T.reshape(dim, heads, head_dim))
     # to_kv's output is (keys, values), each laid out (heads, head_dim).
-    kv_shape = (2 * inner, dim)
-    keys.add(f'{key}.to_kv.weight', kv_shape, (*path, 'key', 'kernel'),
-             lambda x: x[:inner].T.reshape(dim, heads, head_dim))
-    keys.entries[f'{key}.to_kv.weight#values'] = (kv_shape, (*path, 'value', 'kernel'),
-                                                  lambda x: x[inner:].T.reshape(dim, heads, head_dim))
+    keys.add(f'{key}.to_kv.weight', (2 * inner, dim), (*path, 'key_value', 'kernel'),
+             lambda x: x.T.reshape(dim, 2, heads, head_dim))
     keys.add(f'{key}.to_out.weight', (dim, inner), (*path, 'out', 'kernel'), lambda x: x.T.reshape(heads, head_dim, dim))
 
   def transformer(key, name, depth, cross_attention):

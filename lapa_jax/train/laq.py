@@ -74,10 +74,18 @@ def make_pairs(config: ml_collections.ConfigDict, resolved: dict, *, split: str,
       resolved['path'], split=split, image_key=resolved['image_key'], frame_offset=resolved['frame_offset'],
       image_size=config.model.image_size, batch_size=batch_size // process_count, seed=seed,
       process_index=process_index, process_count=process_count, shuffle_buffer=config.data.shuffle_buffer,
-      episode_end=config.data.episode_end, repeat=repeat)
+      episode_end=config.data.episode_end, repeat=repeat, image_dtype='uint8')
 
 
 # ----- Objective -------------------------------------------------------------------------------
+
+def unit_float(video: jax.Array) -> jax.Array:
+  """Frames as float32 in [0, 1]. The pipeline ships uint8 (a quarter of the bytes to decode, batch
+  and copy to the devices) and the conversion happens here, inside the jitted step."""
+  if jnp.issubdtype(video.dtype, jnp.integer):
+    return video.astype(jnp.float32) / 255.0
+  return video
+
 
 def psnr(mse: jax.Array) -> jax.Array:
   """Peak signal-to-noise ratio in dB of images in [0, 1] from their mean squared error."""
@@ -111,7 +119,7 @@ def initial_model_state(codebook_size: int, quant_dim: int, pool_size: int) -> d
 def make_loss_fn(model: laq_model.LatentActionQuantizer):
   def loss_fn(params, model_state, batch, rng, step):
     del step
-    video = batch['video']
+    video = unit_float(batch['video'])
     out = model.apply({'params': params}, video, train=True, rngs={'noise': rng})
     per_pair = reconstruction_metrics(video, out['recon'])
     loss = jnp.mean(per_pair['mse'])
@@ -269,8 +277,13 @@ class Evaluator:
     self._decode = jax.jit(functools.partial(model.apply, method=model.decode_codes))
 
   def _evaluate_batch(self, params, video):
+    video = unit_float(video)
     out = self.model.apply({'params': params}, video)
     per_pair = reconstruction_metrics(video, out['recon'])
+    # The same x_t decoded with another pair's codes: if this is no worse, the decoder ignores the codes.
+    other_codes = jnp.roll(out['indices'], 1, axis=0)
+    other = self.model.apply({'params': params}, video[:, 0], other_codes, method=self.model.decode_codes)
+    per_pair['mse_with_other_codes'] = reconstruction_metrics(video, other)['mse']
     return {name: jnp.sum(value) for name, value in per_pair.items()}, out['indices'], out['recon']
 
   def _batches(self):
@@ -295,7 +308,7 @@ class Evaluator:
       all_indices.append(indices)
       if sum(len(r) for r in grid_rows) < self.config.eval.grid_pairs:
         recon = np.asarray(multihost_utils.process_allgather(recon, tiled=True))
-        full_video = np.asarray(multihost_utils.process_allgather(video, tiled=True))
+        full_video = np.asarray(unit_float(multihost_utils.process_allgather(video, tiled=True)))
         grid_rows.append(np.stack([full_video[:, 0], full_video[:, 1], np.clip(recon, 0, 1)], axis=1))
         if atlas_frames is None:
           atlas_frames = (full_video[:self.config.eval.atlas_frames, 0], indices[:self.config.eval.atlas_frames])
