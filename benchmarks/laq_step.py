@@ -6,8 +6,9 @@
 
 The step is the one `lapa train` runs: the stage's loss (NSVQ noise substitution), gradients, the
 config's optimizer (Adam, clip 0.5) and dead-code revival, jitted with donated state, on random
-uint8 pairs as the stage's pipeline ships them (the input pipeline is benchmarked separately). The official figures are for the identical
-model configuration and batch on a 2-core CPU machine of the kind CI runs on. Prints one JSON line.
+uint8 pairs as the stage's pipeline ships them (the input pipeline is benchmarked separately).
+The official figures are for the identical model configuration and batch on a 2-core CPU machine
+of the kind CI runs on. Prints one JSON line.
 """
 
 from __future__ import annotations

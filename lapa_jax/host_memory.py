@@ -2,8 +2,8 @@
 
 XLA:CPU allocates an executable's temporary buffer afresh at every call and frees it afterwards
 (275 MB for the `small` LAQ train step at batch 8). glibc serves allocations that large with mmap,
-so every step touches ~70,000 fresh 4 KiB pages and spends ~40% of its CPU time in page faults
-(benchmarks/laq_step.py: 24 -> 33 pairs/s on 2 cores). glibc's `hugetlb` tunable asks the kernel
+so every step touches ~70,000 fresh 4 KiB pages and spends about a quarter of its CPU time in page
+faults (benchmarks/laq_step.py, 2 cores: 24 -> 33 pairs/s). glibc's `hugetlb` tunable asks the kernel
 for transparent huge pages on those mappings (512x fewer faults) wherever THP is 'madvise' or
 'always'. Tunables are read when a process starts, so the running program has to re-execute itself.
 """
