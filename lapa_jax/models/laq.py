@@ -41,13 +41,6 @@ def from_config(model_config, dtype: str = 'float32') -> 'LatentActionQuantizer'
   missing = [name for name in MODEL_FIELDS if name not in model_config]
   if missing:
     raise KeyError(f'config group model: missing field(s) {", ".join(missing)}')
-  if model_config['variant'] not in VARIANTS:
-    raise ValueError(f'config field model.variant: expected one of {VARIANTS}, got {model_config["variant"]!r}')
-  image_size, patch_size = model_config['image_size'], model_config['patch_size']
-  if image_size % patch_size:
-    raise ValueError(f'config fields model.image_size={image_size} and model.patch_size={patch_size}: '
-                     'the image must be a whole number of patches')
-  code_grid_shape(model_config['code_seq_len'], image_size // patch_size, image_size // patch_size)
   return LatentActionQuantizer(**{name: model_config[name] for name in MODEL_FIELDS}, dtype=DTYPES[dtype])
 
 
