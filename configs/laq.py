@@ -11,7 +11,7 @@ Presets:
   small  the same architecture shrunk for one accelerator or a CPU: dim 256, 2+2+2 layers, 8 x 32
          heads, 64x64 images, patch 8, same quantizer.
   tiny   for tests: trains a few hundred steps on the built-in world in a couple of minutes on CPU.
-  demo   for the built-in world (launch/demo.sh, benchmarks/laq_quality.py): 64x64, 2000 steps, ~12 min on 2 CPU cores.
+  demo   for the built-in world (launch/demo.sh, benchmarks/laq_quality.py): 64x64, 2000 steps, ~15 min on 2 CPU cores.
 """
 
 import ml_collections

@@ -4,7 +4,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 OUT="${DEMO_DIR:-demo_out}"
 EPISODES="${DEMO_EPISODES:-200}"
-LAQ_STEPS="${DEMO_LAQ_STEPS:-2000}"   # the demo preset's full schedule: ~12 min on 2 CPU cores
+LAQ_STEPS="${DEMO_LAQ_STEPS:-2000}"   # the demo preset's full schedule: ~15 min on 2 CPU cores (14.4 measured)
 mkdir -p "$OUT"
 
 step() { echo; echo "== $*"; }
