@@ -32,7 +32,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from lapa_jax.models import llama, tokenizers, vla  # noqa: E402
+from lapa_jax.data import sequences  # noqa: E402
+from lapa_jax.models import llama, vla  # noqa: E402
+from lapa_jax.train.step import init_train_state, make_train_step  # noqa: E402
 
 REFERENCE_TOKENS_PER_SECOND = 221.0
 LEARNING_RATE = 1e-4
@@ -91,20 +93,23 @@ def vla_step(preset: str, batch: int, length: int, steps: int) -> dict:
   config = vla.vla_config(preset)
   model = vla.VLA(config)
   rng = np.random.RandomState(0)
-  tokenizer = tokenizers.ByteTokenizer()
+  tokenizer = sequences.ByteTokenizer()
   codebook = config.vision_vocab_size - 2
   vision_tokens = length - 170  # a byte-tokenized prompt and markers take ~165 positions
   instruction = 'put the red block left of the cup'
-  examples = [tokenizers.vla_sequence(tokenizer, instruction, rng.randint(0, codebook, vision_tokens),
-                                      codebook_size=codebook, latent=rng.randint(0, 8, 4)) for _ in range(batch)]
-  data = jax.tree.map(jnp.asarray, tokenizers.pad_batch(examples, length))
-  params = jax.jit(lambda r: nn.unbox(vla.init_params(model, r)))(jax.random.key(0))
+  examples = [sequences.vla_sequence(tokenizer, instruction, rng.randint(0, codebook, vision_tokens),
+                                     codebook_size=codebook, latent=rng.randint(0, 8, 4)) for _ in range(batch)]
+  data = jax.tree.map(jnp.asarray, sequences.pad_batch(examples, length))
   optimizer = optax.adamw(LEARNING_RATE)
-  step = jax.jit(vla.make_train_step(model, optimizer))
-  state = [params, optimizer.init(params)]
+
+  def init_variables(init_rng):
+    return {'params': vla.init_params(model, init_rng), 'model_state': {}}
+
+  state = [jax.jit(lambda: nn.unbox(init_train_state(init_variables, optimizer, seed=0)))()]
+  step = jax.jit(make_train_step(vla.make_loss_fn(model), optimizer))
 
   def run():
-    state[0], state[1], metrics = step(state[0], state[1], data)
+    state[0], metrics = step(state[0], data)
     metrics['loss'].block_until_ready()
 
   seconds = _median_seconds(run, steps)

@@ -33,6 +33,7 @@ import ml_collections  # noqa: E402
 from lapa_jax import sharding  # noqa: E402
 from lapa_jax.models import llama, vla  # noqa: E402
 from lapa_jax.train import optim  # noqa: E402
+from lapa_jax.train.step import init_train_state, make_train_step  # noqa: E402
 
 TARGET_GIB = 70.0
 GIB = 2 ** 30
@@ -62,13 +63,12 @@ def main() -> None:
   mesh = sharding.make_mesh(args.mesh)
   loss_config = vla.LossConfig()
 
-  def init_state(rng):
-    params = vla.init_params(model, rng)
-    return {'params': params, 'opt_state': optimizer.init(params)}
+  def init_variables(rng):
+    return {'params': vla.init_params(model, rng), 'model_state': {}}
 
   start = time.perf_counter()
   with sharding.use_mesh(mesh):
-    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: init_train_state(init_variables, optimizer, seed=0))
     shardings = nn.unbox(sharding.logical_to_shardings(abstract, mesh))
   # Unboxed outside the mesh: under it, unboxing applies a sharding constraint to each leaf.
   state = sharding.abstract_with_shardings(nn.unbox(abstract), shardings)
@@ -78,10 +78,9 @@ def main() -> None:
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_spec) for name, dtype in (
         ('tokens', jnp.int32), ('modality', jnp.int32), ('targets', jnp.int32), ('target_modality', jnp.int32),
         ('loss_mask', jnp.float32), ('attention_mask', jnp.int32))}
-    step = jax.jit(vla.make_train_step(model, optimizer, loss_config),
-                   out_shardings=(shardings['params'], shardings['opt_state'], sharding.replicated(mesh)),
-                   donate_argnums=(0, 1))
-    lowered = step.lower(state['params'], state['opt_state'], batch)
+    step = jax.jit(make_train_step(vla.make_loss_fn(model, loss_config), optimizer),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    lowered = step.lower(state, batch)
     lowered_seconds = time.perf_counter() - start
     compiled = lowered.compile()
   compile_seconds = time.perf_counter() - start - lowered_seconds
@@ -91,7 +90,7 @@ def main() -> None:
                 + memory.temp_size_in_bytes)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  params = sum(leaf.size for leaf in jax.tree.leaves(state['params']))
+  params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
   devices = mesh.devices.size
   tokens = args.batch * args.length
   targets = dict(loss_config.targets_per_sequence)

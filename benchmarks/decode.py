@@ -27,8 +27,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lapa_jax.models import llama, tokenizers, vla  # noqa: E402
-from lapa_jax.models.tokenizers import ACTION, LATENT  # noqa: E402
+from lapa_jax.data import sequences  # noqa: E402
+from lapa_jax.data.sequences import ACTION, LATENT  # noqa: E402
+from lapa_jax.models import llama, vla  # noqa: E402
 
 TARGET_STEP_FRACTION = 0.10
 
@@ -46,15 +47,15 @@ def _best_ms(run, repeats: int) -> float:
 
 def _prompt(config: vla.VLAConfig, length: int, target: int) -> dict[str, jax.Array]:
   """One LAPA prompt of exactly `length` tokens: the byte-tokenized instruction, image codes, marker."""
-  tokenizer = tokenizers.ByteTokenizer()
+  tokenizer = sequences.ByteTokenizer()
   codebook = config.vision_vocab_size - 2
   rng = np.random.RandomState(0)
   instruction = 'put the red block left of the cup'
-  base = tokenizers.generation_prompt(tokenizer, instruction, np.zeros(0, np.int32), codebook_size=codebook,
-                                      target=target)
+  base = sequences.generation_prompt(tokenizer, instruction, np.zeros(0, np.int32), codebook_size=codebook,
+                                     target=target)
   codes = rng.randint(0, codebook, length - len(base['tokens']))
-  prompt = tokenizers.generation_prompt(tokenizer, instruction, codes, codebook_size=codebook, target=target)
-  return jax.tree.map(jnp.asarray, tokenizers.pad_batch([prompt], length, left=True))
+  prompt = sequences.generation_prompt(tokenizer, instruction, codes, codebook_size=codebook, target=target)
+  return jax.tree.map(jnp.asarray, sequences.pad_batch([prompt], length, left=True))
 
 
 def _step_figures(model, params, config, args, common) -> None:
@@ -123,7 +124,7 @@ def _generate_figures(model, params, config, args, common) -> None:
 
     recompute_ms = _best_ms(lambda: recompute(params, tokens, modality, mask).block_until_ready(), args.repeats)
     same = bool((generate(params, tokens, modality, mask, rng) == recompute(params, tokens, modality, mask)).all())
-    print(json.dumps(dict(benchmark='decode_generate', target=tokenizers.MODALITY_NAMES[target], tokens=count,
+    print(json.dumps(dict(benchmark='decode_generate', target=sequences.MODALITY_NAMES[target], tokens=count,
                           cached_ms=round(cached_ms, 2), recompute_ms=round(recompute_ms, 2),
                           speedup=round(recompute_ms / cached_ms, 2), same_tokens=same, **common)), flush=True)
 

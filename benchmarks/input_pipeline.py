@@ -80,11 +80,11 @@ def decode_only(data_dir: str, mixture: str, frames: int, threads: int) -> tuple
   return count / (time.perf_counter() - start), count / (time.process_time() - cpu)
 
 
-def pipeline_rate(config, batch_size: int, batches: int) -> tuple[float, float, dict]:
+def pipeline_rate(config, image_size: int, batch_size: int, batches: int) -> tuple[float, float, dict]:
   """Steady-state pairs/s: measured after the first shuffle block has been delivered, while the
   builder thread keeps reading the next blocks, as it does during training."""
   start = time.perf_counter()
-  iterator = pipelines.pair_iterator(config, batch_size=batch_size, seed=0, progress=False)
+  iterator = pipelines.pair_iterator(config, image_size=image_size, batch_size=batch_size, seed=0, progress=False)
   next(iterator)
   first_batch_s = time.perf_counter() - start
   for _ in range(-(-iterator.mixture.block_size // batch_size) + 2):
@@ -111,9 +111,9 @@ def run_phase(args) -> dict:
             'pairs_per_s': round(frames_per_s / 2, 1), 'pairs_per_cpu_s': round(frames_per_cpu_s / 2, 1),
             'threads': threads, 'peak_rss_mb': round(peak_rss_mb(), 1)}
   config = pipelines.default_config()
-  config.update(data_dir=args.data_dir, mixture=args.mixture, image_size=args.size,
-                ram_budget_gb=args.ram_budget_gb, image_dtype=args.phase, statistics_cache_dir=args.statistics_dir)
-  rate, per_cpu_s, plan = pipeline_rate(config, args.batch_size, args.batches)
+  config.update(data_dir=args.data_dir, mixture=args.mixture, ram_budget_gb=args.ram_budget_gb,
+                image_dtype=args.phase, statistics_cache_dir=args.statistics_dir)
+  rate, per_cpu_s, plan = pipeline_rate(config, args.size, args.batch_size, args.batches)
   return {'metric': 'mixture_pairs', 'image_dtype': args.phase, 'size': args.size, 'mixture': args.mixture,
           'pairs_per_s': round(rate, 1), 'pairs_per_cpu_s': round(per_cpu_s, 1), 'ram_budget_gb': args.ram_budget_gb,
           'peak_rss_mb': round(peak_rss_mb(), 1), **plan}

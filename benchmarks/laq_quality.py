@@ -27,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+import tensorflow as tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from lapa_jax import config as config_lib  # noqa: E402
 from lapa_jax import host_memory  # noqa: E402
 from lapa_jax import laq_infer, sharding  # noqa: E402
-from lapa_jax.data import pairs as pairs_lib  # noqa: E402
+from lapa_jax.data import oxe, pairs, pipelines  # noqa: E402
 from lapa_jax.envs import writer  # noqa: E402
 from lapa_jax.models import laq as laq_model  # noqa: E402
 from lapa_jax.models import nsvq  # noqa: E402
@@ -51,19 +52,25 @@ def compass_sector(displacement: np.ndarray) -> np.ndarray:
   return np.round(angle / (2 * np.pi / DIRECTIONS)).astype(int) % DIRECTIONS
 
 
-def read_pairs(config, resolved: dict, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
-  """Up to `limit` pairs of one pass over `split`: video (n, 2, H, W, 3) and (dx, dy) summed over the pair."""
-  iterator = pairs_lib.pair_iterator(
-      resolved['path'], split=split, image_key=resolved['image_key'], frame_offset=resolved['frame_offset'],
-      image_size=config.model.image_size, batch_size=64, seed=1, shuffle_buffer=20_000, repeat=False,
-      with_actions=True)
+def read_pairs(config, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+  """Up to `limit` pairs of `split` in file order: video (n, 2, H, W, 3) in [0, 1] and the expert's
+  (dx, dy) summed over each pair's window. Read from the standardised episodes, since the training
+  pipeline's pairs carry no actions."""
+  dataset = pipelines.open_datasets(config.data)[0][0]
+  frame_offset = oxe.default_frame_offset(dataset.spec)
+  reader = oxe.EpisodeReader(dataset)
+  size = (config.model.image_size, config.model.image_size)
   videos, moves = [], []
-  for batch in iterator:
-    videos.append(batch['video'])
-    moves.append(batch['actions'][..., :2].sum(axis=1))  # actions are [dx, dy, 0, 0, 0, 0, gripper]
-    if sum(len(v) for v in videos) >= limit:
-      break
-  return np.concatenate(videos)[:limit], np.concatenate(moves)[:limit]
+  for segment in reader.segments(split):
+    for episode in reader.episodes(segment):
+      frames = pairs.decode_frames(tf.constant(episode['image']), size).numpy() / 255.0
+      first, second = pairs.pair_indices(len(frames), frame_offset)
+      summed = np.concatenate([np.zeros((1, 2)), np.cumsum(episode['action'][:, :2], axis=0)])
+      videos.append(np.stack([frames[first], frames[second]], axis=1).astype(np.float32))
+      moves.append(summed[second] - summed[first])  # actions are [dx, dy, 0, 0, 0, 0, gripper]
+      if sum(len(v) for v in videos) >= limit:
+        return np.concatenate(videos)[:limit], np.concatenate(moves)[:limit]
+  return np.concatenate(videos), np.concatenate(moves)
 
 
 def purity(train_codes, train_moves, test_codes, test_moves, min_motion: float) -> dict:
@@ -103,12 +110,11 @@ def main() -> None:
   state = loop.train(config, os.path.join(args.workdir, 'laq'), laq_stage.make_stage(config))
   train_seconds = time.perf_counter() - start
 
-  resolved = laq_stage.resolve_data(config.data)
   model = laq_model.from_config(config.model, config.dtype)
   mesh = sharding.make_mesh(config.mesh_dim)
   params = jax.device_get(state.params)
-  train_video, train_moves = read_pairs(config, resolved, config.data.split, args.train_pairs)
-  test_video, test_moves = read_pairs(config, resolved, config.data.eval_split, 100_000)
+  train_video, train_moves = read_pairs(config, config.data.split, args.train_pairs)
+  test_video, test_moves = read_pairs(config, config.data.eval_split, 100_000)
   train_codes, _ = laq_infer.infer(model, params, train_video, mesh)
   test_codes, recon = laq_infer.infer(model, params, test_video, mesh)
 

@@ -4,9 +4,10 @@
     python benchmarks/laq_step.py --preset paper          # batch 4, the official PyTorch LAQ: 0.46 pairs/s
     LAPA_HUGE_PAGES=0 python benchmarks/laq_step.py --preset small   # without huge pages (lapa_jax/host_memory.py)
 
-The step is the one `lapa train` runs: the stage's loss (NSVQ noise substitution), gradients, the
-config's optimizer (Adam, clip 0.5) and dead-code revival, jitted with donated state, on random
-uint8 pairs as the stage's pipeline ships them (the input pipeline is benchmarked separately).
+The step is the one `lapa train` runs (`lapa_jax.train.step.make_train_step`): the stage's loss
+(NSVQ noise substitution), gradients, the config's optimizer (Adam, clip 0.5) and dead-code
+revival, jitted with donated state, on random uint8 pairs as the stage's pipeline ships them (the
+input pipeline is benchmarked separately).
 The official figures are for the identical model configuration and batch on a 2-core CPU machine
 of the kind CI runs on. Prints one JSON line.
 """
@@ -14,6 +15,7 @@ of the kind CI runs on. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -24,7 +26,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,7 +34,8 @@ from lapa_jax import config as config_lib  # noqa: E402
 from lapa_jax import host_memory  # noqa: E402
 from lapa_jax.models import laq as laq_model  # noqa: E402
 from lapa_jax.train import laq as laq_stage  # noqa: E402
-from lapa_jax.train import loop, optim  # noqa: E402
+from lapa_jax.train import optim  # noqa: E402
+from lapa_jax.train.step import init_train_state, make_train_step  # noqa: E402
 
 # Official PyTorch LAQ, fp32 train step, 2-core CPU (pairs/s), and the batch it was measured at.
 OFFICIAL = {'small': (23.4, 8), 'paper': (0.46, 4)}
@@ -41,30 +43,21 @@ TARGET_RATIO = {'small': 1.5, 'paper': 1.3}
 
 
 def make_step(config):
+  """(init() -> TrainState, step(state, batch) -> (state, metrics)), both jitted; the step donates the state."""
   model = laq_model.from_config(config.model, config.dtype)
-  loss_fn = laq_stage.make_loss_fn(model)
   optimizer = optim.make_optimizer(config.optim, config.total_steps)
 
-  def step(state, video):
-    rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(p, state.model_state, {'video': video}, rng, state.step),
-                                 has_aux=True)
-    (loss, (_, model_state)), grads = grad_fn(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state, model_state=model_state)
-    state, _ = laq_stage.revive_dead_codes(state, config.revival)
-    return state, loss
-
-  def init(rng):
+  def init_variables(rng):
     image = config.model.image_size
-    params = nn.unbox(model.init({'params': rng}, jnp.zeros((1, 2, image, image, config.model.channels)))['params'])
-    return loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                           model_state=laq_stage.initial_model_state(config.model.codebook_size, config.model.quant_dim,
-                                                                     laq_stage.latent_pool_size(config)),
-                           rng=jax.random.PRNGKey(1))
+    params = model.init({'params': rng}, jnp.zeros((1, 2, image, image, config.model.channels)))['params']
+    return {'params': nn.unbox(params),
+            'model_state': laq_stage.initial_model_state(config.model.codebook_size, config.model.quant_dim,
+                                                         laq_stage.latent_pool_size(config))}
 
-  return jax.jit(init), jax.jit(step, donate_argnums=(0,))
+  step = make_train_step(laq_stage.make_loss_fn(model), optimizer,
+                         after_update=functools.partial(laq_stage.revive_dead_codes, revival=config.revival))
+  return (jax.jit(lambda: init_train_state(init_variables, optimizer, config.seed)),
+          jax.jit(step, donate_argnums=(0,)))
 
 
 def main() -> None:
@@ -84,20 +77,21 @@ def main() -> None:
   image = config.model.image_size
   video = jax.random.randint(jax.random.PRNGKey(0), (batch, 2, image, image, config.model.channels), 0, 256,
                              jnp.int32).astype(jnp.uint8)
+  frames = {'video': video}
 
   start = time.perf_counter()
-  state = init(jax.random.PRNGKey(0))
-  state, loss = step(state, video)
-  loss.block_until_ready()
+  state = init()
+  state, metrics = step(state, frames)
+  metrics['loss'].block_until_ready()
   compile_seconds = time.perf_counter() - start
-  state, loss = step(state, video)  # one more warm-up step
-  loss.block_until_ready()
+  state, metrics = step(state, frames)  # one more warm-up step
+  metrics['loss'].block_until_ready()
 
   times, cpu_times = [], []
   for _ in range(steps):
     start, cpu_start = time.perf_counter(), time.process_time()
-    state, loss = step(state, video)
-    loss.block_until_ready()
+    state, metrics = step(state, frames)
+    metrics['loss'].block_until_ready()
     times.append(time.perf_counter() - start)
     cpu_times.append(time.process_time() - cpu_start)
   median = statistics.median(times)
@@ -107,7 +101,7 @@ def main() -> None:
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
       'pairs_per_second': round(pairs_per_second, 3), 'pairs_per_second_best_step': round(batch / min(times), 3),
       'step_seconds_median': round(median, 4), 'step_cpu_seconds_median': round(statistics.median(cpu_times), 4),
-      'steps': steps, 'compile_seconds': round(compile_seconds, 1), 'loss': float(loss),
+      'steps': steps, 'compile_seconds': round(compile_seconds, 1), 'loss': float(metrics['loss']),
       'official_pytorch_pairs_per_second': official if batch == official_batch else None,
       'target_pairs_per_second': round(official * TARGET_RATIO[args.preset], 3) if batch == official_batch else None,
       'ratio_to_official': round(pairs_per_second / official, 3) if batch == official_batch else None,

@@ -16,6 +16,8 @@ Presets:
 
 import ml_collections
 
+from lapa_jax.data import pipelines
+
 PRESETS = ('paper', 'small', 'tiny', 'demo')
 
 
@@ -56,16 +58,11 @@ def get_config(preset: str = 'small') -> ml_collections.ConfigDict:
                                # 'codes': a used code (drawn in proportion to use) plus `noise` x its RMS
       pool=256, noise=0.01, reset_moments=True))
 
-  config.data = ml_collections.ConfigDict(dict(
-      path='',                 # an RLDS dataset: <dir>/<name>/<version> (required)
-      split='train',
-      eval_split='val',        # held-out split for evaluation ('' turns evaluation off)
-      image_key='',            # '' = the dataset's first image feature (observation/image, .../image_0, ...)
-      frame_offset=0,          # pair offset H in steps; 0 = frame_offset_seconds x fps
-      frame_offset_seconds=0.6,  # the authors' rule for Bridge/Open-X (issue #22)
-      fps=0.0,                 # steps per second; 0 = the dataset's metadata, else 5 (Bridge's rate)
-      episode_end='drop',      # 'drop' or 'clamp' (every step starts a pair, as the official loader)
-      shuffle_buffer=10_000))
+  # The datasets: data.path (one RLDS dataset) or data.mixture under data.data_dir; cameras, frame
+  # rates (pair offset frame_offset_seconds x fps) and instruction keys come from the registry
+  # (lapa_jax/data/oxe.py), a dataset's lapa_spec.json, data.spec_file or data.spec.*.
+  config.data = pipelines.default_config()
+  config.data.eval_split = 'val'   # held-out split for evaluation ('' turns evaluation off)
 
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=64,           # global; a multiple of the data-parallel device count
@@ -91,7 +88,7 @@ def get_config(preset: str = 'small') -> ml_collections.ConfigDict:
     config.keep_checkpoints = 1
     config.optim.update(lr=3e-3, warmup_steps=20)
     config.revival.update(schedule='periodic', every=20)
-    config.data.shuffle_buffer = 1000
+    config.data.update(shuffle_buffer=1000, ram_budget_gb=1.0)
     config.eval.update(batch_size=32, num_batches=2, grid_pairs=4, atlas_frames=1)
   elif preset == 'demo':
     config.model.update(dim=128, heads=4, head_dim=32, spatial_depth=2, temporal_depth=2, decoder_depth=2,

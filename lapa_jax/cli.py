@@ -20,6 +20,7 @@ COMMANDS = {
     'resize-dataset': ('lapa_jax.data.resize', 'copy an RLDS dataset with its images resized: IN OUT --size 256'),
     'train': ('lapa_jax.train.loop', 'train a stage: lapa train configs/<stage>.py:<preset> --workdir DIR'),
     'laq-infer': ('lapa_jax.laq_infer', 'latent action codes and reconstructions of frame pairs (.npz)'),
+    'label': ('lapa_jax.label', 'latent actions + vision tokens of every step of a dataset/mixture -> new RLDS'),
     'convert': ('lapa_jax.convert.cli', 'import released weights: lapa convert <source> ... (official-laq, easylm, ...)'),
 }
 

@@ -114,6 +114,21 @@ def save(cfg: ml_collections.ConfigDict, workdir: str, name: str = 'config.json'
   return path
 
 
+def load_workdir(workdir: str, stage: str, made_by: str, name: str = 'config.json') -> ml_collections.ConfigDict:
+  """The resolved config a run saved in `workdir`, checked to be of `stage`; `made_by` says in the
+  error what writes such a workdir (e.g. '`lapa train configs/laq.py:...`')."""
+  path = os.path.join(workdir, name)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: missing; expected a {stage} workdir ({made_by})')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.get('stage') != stage:
+    raise ValueError(f'{path}: stage is {config.get("stage")!r}, not a {stage} workdir ({made_by})')
+  if 'model' not in config:
+    raise ValueError(f'{path}: no model group')
+  return config
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Separates `--config.*` overrides from the other command-line arguments."""
   overrides = [a for a in argv if a.startswith(_PREFIX)]

@@ -15,7 +15,6 @@ WORKDIR is a training workdir or the output of `lapa convert official-laq`: `con
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import numpy as np
 import tqdm
 
 from lapa_jax import checkpoint
+from lapa_jax import config as config_lib
 from lapa_jax import sharding
 from lapa_jax.models import laq as laq_model
 
@@ -32,15 +32,8 @@ CONFIG_FILE = 'config.json'
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: missing; --checkpoint must be a LAQ training workdir or the output of '
-                            '`lapa convert official-laq`')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.get('stage') != 'laq':
-    raise ValueError(f'{path}: stage is {config.get("stage")!r}, not a LAQ checkpoint')
-  return config
+  return config_lib.load_workdir(workdir, 'laq', '`lapa train configs/laq.py:...` or `lapa convert official-laq`',
+                                 CONFIG_FILE)
 
 
 def load_laq(workdir: str, mesh: jax.sharding.Mesh, step: int | None = None):

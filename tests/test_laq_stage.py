@@ -134,7 +134,7 @@ def test_presets_match_the_issue():
   small = config_lib.load(f'{CONFIG}:small')
   assert (small.model.dim, small.model.spatial_depth, small.model.heads, small.model.head_dim) == (256, 2, 8, 32)
   assert (small.model.image_size, small.model.patch_size, small.model.quant_dim, small.model.code_seq_len) == (64, 8, 32, 4)
-  with pytest.raises(ValueError, match='config field data.path'):
+  with pytest.raises(ValueError, match='data.path'):
     laq_stage.make_stage(small)
 
 
@@ -192,3 +192,19 @@ def test_eight_devices_step_like_one(world_dir, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
   np.testing.assert_allclose(one.model_state['code_usage'], eight.model_state['code_usage'])
   assert int(one.model_state['codes_revived_total']) == int(eight.model_state['codes_revived_total'])
+
+
+def test_taco_play_pairs_come_from_the_registry_camera_0_6_seconds_apart(tmp_path):
+  import oxe_schemas
+  path = oxe_schemas.write(str(tmp_path), 'taco_play', episodes=4)
+  config = config_lib.load(f'{CONFIG}:tiny', [f'--config.data.path={path}', '--config.batch_size=8'])
+  pairs = laq_stage.make_pairs(config, split='train', batch_size=8, process_index=0, process_count=1, statistics=None)
+  source = pairs.mixture.sources[0]
+  # Not the alphabetically first image (rgb_gripper, the wrist camera) and not a 5 Hz guess (3 steps):
+  # taco_play records at 15 Hz, so 0.6 s is 9 steps.
+  assert source.dataset.spec.image_key == 'observation/rgb_static' and source.frame_offset == 9
+  batch = next(pairs)
+  assert batch['video'].shape == (8, 2, 32, 32, 3) and set(batch['frame_offset']) == {9}
+  green = batch['video'][..., 1].astype(float).mean(axis=(2, 3))  # 8 x step index in the synthetic frames
+  np.testing.assert_allclose(green[:, 1] - green[:, 0], 72, atol=4)
+  pairs.close()

@@ -96,7 +96,7 @@ def test_features_that_do_not_match_the_registry_name_the_key(tmp_path):
     oxe.open_dataset(str(tmp_path), 'my_robot')
 
 
-def test_time_subsampling_uses_the_subsampled_rate(data_dir, tmp_path):
+def test_time_subsampling_sums_the_skipped_deltas_at_the_subsampled_rate(data_dir, tmp_path):
   oxe_schemas.write(str(tmp_path), 'viola', episodes=2, directory='viola_half')
   oxe.register(dataclasses.replace(oxe.REGISTRY['viola'], name='viola_half', subsample=2))
   try:
@@ -104,8 +104,14 @@ def test_time_subsampling_uses_the_subsampled_rate(data_dir, tmp_path):
     assert dataset.spec.effective_fps == 10 and dataset.spec.frame_offset(0.6) == 6
     reader = oxe.EpisodeReader(dataset)
     episode = next(reader.episodes(reader.segments('train')[0]))
-    np.testing.assert_allclose(episode['action'][:, 0], 0.01 * np.arange(0, 12, 2), atol=1e-6)
-    np.testing.assert_array_equal(episode['action'][:, 6], oxe_schemas.expected_open(12)[::2])
+    assert len(episode['image']) == len(episode['action']) == 6
+    # world_vector x is 0.01 t: kept step 2j carries the moves of steps 2j and 2j + 1 ...
+    np.testing.assert_allclose(episode['action'][:, 0], 0.01 * (4 * np.arange(6) + 1), atol=1e-6)
+    # ... and the gripper command of the last of them.
+    np.testing.assert_array_equal(episode['action'][:, 6], oxe_schemas.expected_open(12)[1::2])
+    odd = std.subsample(np.arange(35, dtype=np.float32).reshape(5, 7), 2)  # a last window of one step
+    np.testing.assert_array_equal(odd[:, 0], [7, 35, 28])
+    np.testing.assert_array_equal(odd[:, 6], [13, 27, 34])
   finally:
     del oxe.REGISTRY['viola_half']
 

@@ -10,8 +10,10 @@ import optax
 import pytest
 
 from lapa_jax import sharding
-from lapa_jax.models import tokenizers, vla
-from lapa_jax.models.tokenizers import ACTION, LATENT, TEXT, VISION
+from lapa_jax.data import sequences
+from lapa_jax.data.sequences import ACTION, LATENT, TEXT, VISION
+from lapa_jax.models import vla
+from lapa_jax.train.step import TrainState, init_train_state, make_train_step
 
 CODEBOOK = 134  # tiny vision vocabulary 136 = 134 codes + eof + eov
 VISION_TOKENS = 16
@@ -35,26 +37,26 @@ def _model(action_vocab_size=0):
 
 def _examples(count, seed=0, **kwargs):
   rng = np.random.RandomState(seed)
-  tokenizer = tokenizers.ByteTokenizer()
+  tokenizer = sequences.ByteTokenizer()
   examples = []
   for i in range(count):
     fields = {'latent': rng.randint(0, 8, 4), **kwargs}
-    examples.append(tokenizers.vla_sequence(tokenizer, f'push the block {i}', rng.randint(0, CODEBOOK, VISION_TOKENS),
-                                            codebook_size=CODEBOOK, **fields))
+    examples.append(sequences.vla_sequence(tokenizer, f'push the block {i}', rng.randint(0, CODEBOOK, VISION_TOKENS),
+                                           codebook_size=CODEBOOK, **fields))
   return examples
 
 
 def _batch(count, seed=0, **kwargs):
-  return jax.tree.map(jnp.asarray, tokenizers.pad_batch(_examples(count, seed, **kwargs), LENGTH))
+  return jax.tree.map(jnp.asarray, sequences.pad_batch(_examples(count, seed, **kwargs), LENGTH))
 
 
 # ----------------------------------------------------------------------------------- token layout
 
 def test_lapa_sequence_layout():
-  tokenizer = tokenizers.ByteTokenizer()
+  tokenizer = sequences.ByteTokenizer()
   codes = np.arange(VISION_TOKENS)
-  example = tokenizers.vla_sequence(tokenizer, 'open the drawer', codes, codebook_size=CODEBOOK,
-                                    latent=[2, 0, 7, 2])
+  example = sequences.vla_sequence(tokenizer, 'open the drawer', codes, codebook_size=CODEBOOK,
+                                   latent=[2, 0, 7, 2])
   full_ids = np.concatenate([example['tokens'], example['targets'][-1:]])
   full_modality = np.concatenate([example['modality'], example['target_modality'][-1:]])
   assert full_ids[:2].tolist() == [tokenizer.bos_id, tokenizer.bos_id] and full_ids[-1] == tokenizer.eos_id
@@ -69,28 +71,28 @@ def test_lapa_sequence_layout():
       '<delta></delta>'
   assert (example['target_modality'][example['loss_mask'] > 0] == LATENT).sum() == 4
   assert targets_with_loss[-1] == tokenizer.eos_id
-  prompt = tokenizers.generation_prompt(tokenizer, 'open the drawer', codes, codebook_size=CODEBOOK)
+  prompt = sequences.generation_prompt(tokenizer, 'open the drawer', codes, codebook_size=CODEBOOK)
   assert example['tokens'][:len(prompt['tokens'])].tolist() == prompt['tokens'].tolist()
   assert example['target_modality'][len(prompt['tokens']) - 1] == LATENT  # the next token is a latent code
   with pytest.raises(ValueError, match='vision codes'):
-    tokenizers.vla_sequence(tokenizer, 'x', [CODEBOOK], codebook_size=CODEBOOK)
+    sequences.vla_sequence(tokenizer, 'x', [CODEBOOK], codebook_size=CODEBOOK)
 
 
 def test_pad_batch_left_and_right():
   examples = _examples(2)
   examples[1] = {k: v[:-5] for k, v in examples[1].items()}
-  right = tokenizers.pad_batch(examples, LENGTH)
-  left = tokenizers.pad_batch(examples, LENGTH, left=True)
+  right = sequences.pad_batch(examples, LENGTH)
+  left = sequences.pad_batch(examples, LENGTH, left=True)
   size = len(examples[1]['tokens'])
   assert right['attention_mask'][1].tolist() == [1] * size + [0] * (LENGTH - size)
   assert left['attention_mask'][1].tolist() == [0] * (LENGTH - size) + [1] * size
   assert left['tokens'][1, -size:].tolist() == examples[1]['tokens'].tolist()
   with pytest.raises(ValueError, match='more than the sequence length'):
-    tokenizers.pad_batch(examples, 10)
+    sequences.pad_batch(examples, 10)
 
 
 def test_byte_and_sentencepiece_tokenizers(tmp_path):
-  byte = tokenizers.load_tokenizer('bytes')
+  byte = sequences.load_tokenizer('bytes')
   assert byte.decode(byte.encode('pick up the mug ☕')) == 'pick up the mug ☕'
   assert min(byte.encode('\x00')) == 3 and byte.vocab_size == 259
   sentencepiece = pytest.importorskip('sentencepiece')
@@ -100,12 +102,12 @@ def test_byte_and_sentencepiece_tokenizers(tmp_path):
   sentencepiece.SentencePieceTrainer.train(
       input=str(corpus), model_prefix=str(tmp_path / 'tok'), vocab_size=60, model_type='bpe',
       unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
-  tokenizer = tokenizers.load_tokenizer(str(tmp_path / 'tok.model'))
+  tokenizer = sequences.load_tokenizer(str(tmp_path / 'tok.model'))
   assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.vocab_size) == (0, 1, 2, 60)
   ids = tokenizer.encode('pick up the mug')
   assert tokenizer.decode(ids) == 'pick up the mug' and min(ids) > 2
   with pytest.raises(FileNotFoundError, match='tokenizer.model'):
-    tokenizers.load_tokenizer(str(tmp_path / 'missing.model'))
+    sequences.load_tokenizer(str(tmp_path / 'missing.model'))
 
 
 # ----------------------------------------------------------------------------------- loss
@@ -184,10 +186,10 @@ def test_action_finetuning_loss_uses_action_head():
 
 def _prompts(count, seed):
   rng = np.random.RandomState(seed)
-  tokenizer = tokenizers.ByteTokenizer()
-  prompts = [tokenizers.generation_prompt(tokenizer, 'push' + ' the block' * (i % 3), rng.randint(0, CODEBOOK, 16),
-                                          codebook_size=CODEBOOK) for i in range(count)]
-  return jax.tree.map(jnp.asarray, tokenizers.pad_batch(prompts, LENGTH, left=True))
+  tokenizer = sequences.ByteTokenizer()
+  prompts = [sequences.generation_prompt(tokenizer, 'push' + ' the block' * (i % 3), rng.randint(0, CODEBOOK, 16),
+                                         codebook_size=CODEBOOK) for i in range(count)]
+  return jax.tree.map(jnp.asarray, sequences.pad_batch(prompts, LENGTH, left=True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,29 +250,26 @@ def _train_on_mesh(mesh_dim, devices, steps=2):
   optimizer = optax.adamw(1e-3, b2=0.95, eps=1e-6, weight_decay=0.01)
   mesh = sharding.make_mesh(mesh_dim, devices)
 
-  def init_state(rng):
-    params = vla.init_params(model, rng)
-    return {'params': params, 'opt_state': optimizer.init(params)}
+  def init_variables(rng):
+    return {'params': vla.init_params(model, rng), 'model_state': {}}
 
   # The params' logical annotations give the shardings; values come from `_model` (the same on every
   # mesh) rather than a compiled sharded init, which would only add seconds.
   with sharding.use_mesh(mesh):
-    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    abstract = jax.eval_shape(lambda: init_train_state(init_variables, optimizer, seed=0))
     shardings = nn.unbox(sharding.logical_to_shardings(abstract, mesh))
-    params = jax.device_put(jax.tree.map(np.array, _model()[1]), shardings['params'])  # copies: steps donate
-    state = {'params': params,
-             'opt_state': jax.jit(optimizer.init, out_shardings=shardings['opt_state'])(params)}
-  step = vla.make_train_step(model, optimizer)
+  params = jax.tree.map(np.array, _model()[1])  # copies: steps donate
+  state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                                    model_state={}, rng=jax.random.PRNGKey(0)), shardings)
+  step = make_train_step(vla.make_loss_fn(model), optimizer)
   losses = []
   with sharding.use_mesh(mesh):
-    jitted = jax.jit(step, out_shardings=(shardings['params'], shardings['opt_state'], sharding.replicated(mesh)),
-                     donate_argnums=(0, 1))
-    params, opt_state = state['params'], state['opt_state']
+    jitted = jax.jit(step, out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     for index in range(steps):
-      batch = sharding.global_batch(mesh, tokenizers.pad_batch(_examples(8, seed=index), LENGTH))
-      params, opt_state, metrics = jitted(params, opt_state, batch)
+      batch = sharding.global_batch(mesh, sequences.pad_batch(_examples(8, seed=index), LENGTH))
+      state, metrics = jitted(state, batch)
       losses.append(float(metrics['loss']))
-  return losses, jax.tree.map(np.asarray, params), params
+  return losses, jax.tree.map(np.asarray, state.params), state.params
 
 
 @pytest.mark.parametrize('mesh_dim', ['1,8,1', '2,2,2'])

@@ -8,6 +8,11 @@ lapa_jax checkpoint; export writes a plain-dict pickle LWM's `VQGAN(path)` loads
 
   lapa convert lwm-vqgan import lapa_checkpoints/vqgan OUT [--preset lwm]
   lapa convert lwm-vqgan export WORKDIR OUT/vqgan
+
+OUT is a tokenizer workdir like a trained one (`lapa train configs/tokenizer.py:...`): config.json
+(stage 'tokenizer', the preset's VQGAN fields as `model`) and checkpoints/0 with the params, so
+`lapa_jax.vision_tokenizer.load_vqgan` reads either. Export takes either, without the discriminator
+of adversarial training.
 """
 
 from __future__ import annotations
@@ -16,13 +21,13 @@ import argparse
 import collections.abc
 import os
 import pickle
+import shutil
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from lapa_jax import vision_tokenizer
 from lapa_jax.convert import easylm
 from lapa_jax.models import vqgan
 
@@ -75,13 +80,22 @@ def write_pickle(params: Any, path: str) -> None:
 
 def import_vqgan(path: str, preset: str = 'lwm', **overrides) -> Any:
   """Params of an LWM VQGAN pickle checked against `VQGAN(vqgan_config(preset, **overrides))`."""
-  config = vqgan.vqgan_config(preset, **overrides)
-  model = vqgan.VQGAN(config)
-  images = jnp.zeros((1, config.resolution, config.resolution, config.channels))
-  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), images)['params'])
+  abstract = vision_tokenizer.abstract_params(vqgan.VQGAN(vqgan.vqgan_config(preset, **overrides)))
   flat = traverse_util.flatten_dict(read_pickle(path))
   params, _ = easylm.match_params(flat, abstract, source=path)
   return params
+
+
+def save_tokenizer_workdir(output: str, params: Any, config: vqgan.VQGANConfig, **fields) -> None:
+  """Writes `output` as a tokenizer workdir: checkpoints/0 with `params` and config.json (stage
+  'tokenizer', model = `config`, plus `fields`); built under `output.partial` and renamed when complete."""
+  if os.path.exists(output):
+    raise FileExistsError(f'output {output!r} already exists; choose a new directory')
+  staging = output.rstrip('/') + '.partial'
+  shutil.rmtree(staging, ignore_errors=True)
+  easylm.save_params_checkpoint(staging, params)
+  vision_tokenizer.write_config(staging, config, **fields)
+  os.replace(staging, output)
 
 
 def main(argv: list[str]) -> int:
@@ -98,9 +112,11 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == 'import':
-      easylm.save_params_checkpoint(args.output, import_vqgan(args.source, args.preset))
+      save_tokenizer_workdir(args.output, import_vqgan(args.source, args.preset), vqgan.vqgan_config(args.preset),
+                             preset=args.preset, converted_from=os.path.abspath(args.source))
     else:
-      write_pickle(easylm.load_params_checkpoint(args.source, args.step), args.output)
+      params = easylm.load_params_checkpoint(args.source, args.step)
+      write_pickle(vision_tokenizer.vqgan_params(params), args.output)
   except (FileNotFoundError, FileExistsError, ValueError) as error:
     parser.error(str(error))
   print(f'wrote {args.output}')

@@ -17,6 +17,7 @@ Datasets written by lapa_jax itself (human videos, the built-in world) describe 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -42,6 +43,10 @@ READ_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError)
 _log = logging.getLogger(__name__)
 
 
+# Step features `lapa label` adds to a dataset.
+LABEL_KEYS = ('latent_action', 'vision_tokens')
+
+
 class MissingDataset(DataError):
   """No directory for a dataset name under the data directory."""
 
@@ -62,7 +67,8 @@ class DatasetSpec:
   instruction_codes: bool = False     # instruction stored as zero-padded int32 UTF-8 codes
   transform: std.Transform | None = None   # raw fields -> (action (time, 7), proprio); None: no actions
   fields: tuple[str, ...] = ()        # step paths the transform reads
-  subsample: int = 1                  # keep every n-th step (done in standardisation)
+  subsample: int = 1                  # keep every n-th step; actions summed over the skipped steps
+  action_layout: tuple[str, ...] | None = None   # a spec file's action layout (its transform is from_layout)
   embodiment: str = 'robot'           # 'robot' | 'human': selects the default pair offset
   frame_offset_seconds: float | None = None   # pair window of this dataset; None: the embodiment's default
   source: str = 'reference'           # where the keys come from: 'reference' | 'octo' | 'metadata'
@@ -81,7 +87,12 @@ class DatasetSpec:
     # The name and key source do not change the episodes (bridge_orig is bridge_dataset renamed).
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name not in ('transform', 'name', 'source')}
-    transform = inspect.getsource(self.transform) if self.transform else 'none'
+    if self.transform is None:
+      transform = 'none'
+    elif isinstance(self.transform, functools.partial):  # a spec file's layout: its arguments matter
+      transform = inspect.getsource(self.transform.func) + json.dumps(self.transform.keywords, sort_keys=True)
+    else:
+      transform = inspect.getsource(self.transform)
     return json.dumps(fields, sort_keys=True, default=str) + '\n' + transform
 
 
@@ -179,34 +190,111 @@ class Dataset:
     return str(self.builder.info.version)
 
 
-def spec_from_metadata(version_dir: str, name: str) -> DatasetSpec | None:
-  """The spec a lapa_jax writer left in `lapa_spec.json` (human videos, built-in world), or None.
+STANDARD_ACTION = ('x', 'y', 'z', 'roll', 'pitch', 'yaw', 'gripper')
+SPEC_KEYS = ('fps', 'image_key', 'wrist_image_key', 'instruction_key', 'embodiment', 'frame_offset_seconds',
+             'action', 'action_key')
+SPEC_HELP = 'see "Your own dataset" in README.md, or propose one with lapa inspect-data --path DIR --propose-spec FILE'
 
-  File fields: fps, image_key, and optionally wrist_image_key, instruction_key (null: none),
-  embodiment ('robot'|'human'), action_key (a (7,) float tensor already in the standard layout),
-  frame_offset_seconds (the LAQ pair window, when the embodiment's default does not fit).
+
+def _action_transform(action: Mapping[str, Any] | None, where: str):
+  """(transform, fields, layout) of a spec's `action` entry (None: the dataset has no actions)."""
+  if action is None:
+    return None, (), None
+  if not isinstance(action, Mapping) or not isinstance(action.get('key'), str):
+    raise DataError(f'{where}: "action" must be null or {{"key": step path, "layout": [...], "gripper_open": v, '
+                    f'"gripper_closed": v}}; {SPEC_HELP}')
+  unknown = set(action) - {'key', 'layout', 'gripper_open', 'gripper_closed'}
+  if unknown:
+    raise DataError(f'{where}: unknown action field(s) {", ".join(sorted(unknown))} '
+                    '(expected key, layout, gripper_open, gripper_closed)')
+  layout = tuple(action.get('layout') or STANDARD_ACTION)
+  bad = [name for name in layout if name not in std.LAYOUT_NAMES]
+  if bad or len(set(name for name in layout if name != 'ignore')) != len([n for n in layout if n != 'ignore']):
+    raise DataError(f'{where}: action layout {list(layout)} must name each stored entry once, with names from '
+                    f'{", ".join(std.LAYOUT_NAMES)} ({"unknown: " + ", ".join(bad) if bad else "a name repeats"})')
+  gripper_open, gripper_closed = action.get('gripper_open', 1.0), action.get('gripper_closed', 0.0)
+  if 'gripper' in layout:
+    for name, value in (('gripper_open', gripper_open), ('gripper_closed', gripper_closed)):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f'{where}: action {name} must be a number (the stored gripper value meaning {name[8:]}), '
+                        f'got {value!r}')
+    if gripper_open == gripper_closed:
+      raise DataError(f'{where}: action gripper_open and gripper_closed are both {gripper_open}')
+  transform = functools.partial(std.from_layout, key=action['key'], layout=layout,
+                                gripper_open=float(gripper_open), gripper_closed=float(gripper_closed))
+  return transform, (action['key'],), layout
+
+
+def spec_from_dict(meta: Mapping[str, Any], name: str, where: str) -> DatasetSpec:
+  """A DatasetSpec from the JSON form of a spec (lapa_spec.json, a --spec file, config fields).
+
+  Keys: fps, image_key (required); wrist_image_key, instruction_key (null: none), embodiment
+  ('robot'|'human'), frame_offset_seconds (the LAQ pair window when the embodiment's default does not
+  fit), action (null: no actions, else {key, layout, gripper_open, gripper_closed}: `layout` names
+  each stored entry x, y, z, roll, pitch, yaw, gripper or ignore; the gripper is mapped linearly so
+  that gripper_open -> 1 and gripper_closed -> 0). `action_key` is short for an action already in
+  the standard layout [x, y, z, roll, pitch, yaw, gripper (1 open)] (lapa_jax's own writers).
   """
-  path = os.path.join(version_dir, SPEC_FILE)
+  if not isinstance(meta, Mapping):
+    raise DataError(f'{where}: expected a JSON object with {", ".join(SPEC_KEYS)}; {SPEC_HELP}')
+  unknown = sorted(set(meta) - set(SPEC_KEYS))
+  if unknown:
+    raise DataError(f'{where}: unknown key(s) {", ".join(unknown)} (expected {", ".join(SPEC_KEYS)})')
+  for key in ('fps', 'image_key'):
+    if meta.get(key) in (None, ''):
+      raise DataError(f'{where}: {key} is missing; {SPEC_HELP}')
+  fps = meta['fps']
+  if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+    raise DataError(f'{where}: fps must be a number of steps per second > 0, got {fps!r}')
+  if meta.get('embodiment', 'robot') not in EMBODIMENTS:
+    raise DataError(f'{where}: embodiment {meta["embodiment"]!r} is not one of {EMBODIMENTS}')
+  if 'action' in meta and 'action_key' in meta:
+    raise DataError(f'{where}: give action or action_key, not both')
+  action = meta.get('action')
+  if meta.get('action_key'):
+    action = {'key': meta['action_key']}
+  transform, fields, layout = _action_transform(action, where)
+  return DatasetSpec(
+      name=name, fps=float(fps), image_key=meta['image_key'], wrist_image_key=meta.get('wrist_image_key') or None,
+      instruction_key=meta.get('instruction_key') or None, transform=transform, fields=fields, action_layout=layout,
+      embodiment=meta.get('embodiment', 'robot'), frame_offset_seconds=meta.get('frame_offset_seconds'),
+      source='metadata')
+
+
+def spec_to_dict(spec: DatasetSpec) -> dict[str, Any]:
+  """The JSON form of a spec (spec_from_dict's input); registry transforms other than layouts have none."""
+  meta = {'fps': spec.effective_fps, 'image_key': spec.image_key, 'wrist_image_key': spec.wrist_image_key,
+          'instruction_key': spec.instruction_key, 'embodiment': spec.embodiment}
+  if spec.frame_offset_seconds is not None:
+    meta['frame_offset_seconds'] = spec.frame_offset_seconds
+  if spec.transform is None:
+    meta['action'] = None
+  elif isinstance(spec.transform, functools.partial) and spec.transform.func is std.from_layout:
+    keywords = spec.transform.keywords
+    meta['action'] = {'key': keywords['key'], 'layout': list(keywords['layout']),
+                      'gripper_open': keywords['gripper_open'], 'gripper_closed': keywords['gripper_closed']}
+  else:
+    raise DataError(f'{spec.name}: its actions come from the registry transform {spec.transform.__name__}, '
+                    'which a spec file cannot express')
+  return meta
+
+
+def read_spec_file(path: str, name: str) -> DatasetSpec:
+  """The spec in the JSON file `path` for dataset `name`; one-line errors naming the file."""
   if not tf.io.gfile.exists(path):
-    return None
+    raise DataError(f'{path}: spec file not found; {SPEC_HELP}')
   with tf.io.gfile.GFile(path) as f:
     try:
       meta = json.load(f)
     except json.JSONDecodeError as error:
       raise DataError(f'{path}: not valid JSON ({error})') from None
-  for key in ('fps', 'image_key'):
-    if key not in meta:
-      raise DataError(f'{path}: missing {key!r} (expected fps, image_key and optional instruction_key, '
-                      'wrist_image_key, embodiment, action_key)')
-  if meta.get('embodiment', 'robot') not in EMBODIMENTS:
-    raise DataError(f'{path}: embodiment {meta["embodiment"]!r} is not one of {EMBODIMENTS}')
-  action_key = meta.get('action_key')
-  return DatasetSpec(
-      name=name, fps=float(meta['fps']), image_key=meta['image_key'],
-      wrist_image_key=meta.get('wrist_image_key'), instruction_key=meta.get('instruction_key'),
-      transform=std.identity7 if action_key else None, fields=(action_key,) if action_key else (),
-      embodiment=meta.get('embodiment', 'robot'), frame_offset_seconds=meta.get('frame_offset_seconds'),
-      source='metadata')
+  return spec_from_dict(meta, name, path)
+
+
+def spec_from_metadata(version_dir: str, name: str) -> DatasetSpec | None:
+  """The spec in the dataset's own `lapa_spec.json` (lapa_jax writers, or a user's), or None."""
+  path = os.path.join(version_dir, SPEC_FILE)
+  return read_spec_file(path, name) if tf.io.gfile.exists(path) else None
 
 
 def find_dataset_dir(data_dir: str, name: str) -> str:
@@ -222,14 +310,62 @@ def find_dataset_dir(data_dir: str, name: str) -> str:
 
 def open_dataset(data_dir: str, name: str, *, use_wrist: bool = False) -> Dataset:
   """Opens dataset `name` under `data_dir` and checks its features against the registry entry."""
-  path = find_dataset_dir(data_dir, name)
-  spec = spec_from_metadata(path, name) or REGISTRY.get(name)
+  return open_path(find_dataset_dir(data_dir, name), name=name, use_wrist=use_wrist)
+
+
+def open_path(path: str, *, name: str | None = None, spec: DatasetSpec | None = None,
+              use_wrist: bool = False) -> Dataset:
+  """Opens the dataset at `path` (`<dir>/<name>[/<version>]`) with `spec`, else its own lapa_spec.json,
+  else the registry entry of its name; checks the features against the spec."""
+  version_dir = rlds.resolve_version_dir(path)
+  name = name or os.path.basename(os.path.dirname(version_dir))
+  spec = spec or spec_from_metadata(version_dir, name) or REGISTRY.get(name)
   if spec is None:
-    raise DataError(f'{path}: dataset {name!r} is not in the Open-X registry (lapa_jax/data/oxe.py) and '
-                    f'has no {SPEC_FILE}; known: {", ".join(sorted(REGISTRY))}')
-  builder = rlds.open_builder(path)
-  check_features(spec, builder, path, use_wrist=use_wrist)
-  return Dataset(spec=spec, builder=builder, path=path)
+    raise DataError(f'{version_dir}: dataset {name!r} is not in the Open-X registry and has no {SPEC_FILE}; '
+                    f'describe it with a spec file ({SPEC_HELP}) and pass it as data.spec_file')
+  builder = rlds.open_builder(version_dir)
+  check_features(spec, builder, version_dir, use_wrist=use_wrist)
+  return Dataset(spec=spec, builder=builder, path=version_dir)
+
+
+SPEC_OVERRIDES = ('fps', 'image_key', 'wrist_image_key', 'instruction_key', 'embodiment', 'frame_offset_seconds',
+                  'action_key', 'action_layout', 'gripper_open', 'gripper_closed')
+
+
+def override_spec(spec: DatasetSpec | None, overrides: Mapping[str, Any], name: str, where: str) -> DatasetSpec:
+  """`spec` (None: nothing known yet) with single fields replaced, e.g. from a stage's data.spec group.
+
+  'none' as instruction_key or wrist_image_key removes it; action_layout is 'x,y,z,gripper' text;
+  setting action_key or action_layout rebuilds the action transform (with gripper_open/closed).
+  """
+  unknown = set(overrides) - set(SPEC_OVERRIDES)
+  if unknown:
+    raise DataError(f'{where}: unknown spec field(s) {", ".join(sorted(unknown))}')
+  if spec is None:
+    meta = {key: overrides.get(key) for key in ('fps', 'image_key')}
+    spec = spec_from_dict({k: v for k, v in meta.items() if v is not None}, name, where)
+  changes = {}
+  for key in ('fps', 'image_key', 'embodiment', 'frame_offset_seconds'):
+    if key in overrides:
+      changes[key] = overrides[key]
+  for key in ('instruction_key', 'wrist_image_key'):
+    if key in overrides:
+      changes[key] = None if overrides[key] == 'none' else overrides[key]
+  if 'fps' in changes and not (isinstance(changes['fps'], (int, float)) and changes['fps'] > 0):
+    raise DataError(f'{where}: fps must be > 0, got {changes["fps"]!r}')
+  if changes.get('embodiment', spec.embodiment) not in EMBODIMENTS:
+    raise DataError(f'{where}: embodiment {changes["embodiment"]!r} is not one of {EMBODIMENTS}')
+  if 'action_key' in overrides or 'action_layout' in overrides:
+    key = overrides.get('action_key') or (spec.fields[0] if spec.action_layout else None)
+    if not key:
+      raise DataError(f'{where}: action_layout needs action_key (the step path of the stored action)')
+    layout = overrides.get('action_layout')
+    action = {'key': key, 'gripper_open': overrides.get('gripper_open', 1.0),
+              'gripper_closed': overrides.get('gripper_closed', 0.0)}
+    if layout:
+      action['layout'] = [part.strip() for part in layout.split(',')] if isinstance(layout, str) else list(layout)
+    changes['transform'], changes['fields'], changes['action_layout'] = _action_transform(action, where)
+  return dataclasses.replace(spec, source='metadata', **changes) if changes else spec
 
 
 def _describe(feature) -> str:
@@ -318,13 +454,14 @@ class EpisodeReader:
   """Reads standardised episodes of one dataset, images still encoded.
 
   An episode is {'image': (time,) bytes, 'instruction': (time,) bytes, 'action': (time, 7) float32
-  or None, 'proprio': (time, dim) float32 or None, and 'wrist_image' with use_wrist}. Only the fields
-  the registry names are kept (in the tf.data map, before anything reaches Python). A corrupted or
-  truncated shard is skipped with a counted warning (on_corrupt='skip') or stops with a DataError.
+  or None, 'proprio': (time, dim) float32 or None, 'wrist_image' with use_wrist, and each of
+  `step_keys` (e.g. 'latent_action' of a labelled dataset) as stored}. Only the fields the registry
+  names are kept (in the tf.data map, before anything reaches Python). A corrupted or truncated
+  shard is skipped with a counted warning (on_corrupt='skip') or stops with a DataError.
   """
 
   def __init__(self, dataset: Dataset, *, use_wrist: bool = False, on_corrupt: str = 'skip',
-               read_threads: int = 1):
+               read_threads: int = 1, step_keys: tuple[str, ...] = ()):
     if on_corrupt not in CORRUPT_POLICIES:
       raise DataError(f'on_corrupt must be one of {CORRUPT_POLICIES}, got {on_corrupt!r}')
     self.dataset = dataset
@@ -334,6 +471,13 @@ class EpisodeReader:
     self.read_threads = max(1, int(read_threads))
     self.corrupt_segments = 0
     self._features = rlds.step_features(dataset.builder)
+    missing = [key for key in step_keys if key not in self._features]
+    if missing:
+      raise DataError(f'{dataset.path}: no step feature {missing[0]!r}'
+                      + (' (a labelled dataset has it: run lapa label on this dataset first)'
+                         if missing[0] in LABEL_KEYS else '')
+                      + f'; step features: {", ".join(sorted(self._features))}')
+    self.step_keys = tuple(step_keys)
 
   def segments(self, split: str, process_index: int = 0, process_count: int = 1) -> list[Segment]:
     return segments(self.dataset.builder, split, process_index, process_count)
@@ -345,6 +489,8 @@ class EpisodeReader:
       out['wrist_image'] = rlds.get_path(steps, self.spec.wrist_image_key)
     if self.spec.instruction_key:
       out['instruction'] = rlds.get_path(steps, self.spec.instruction_key)
+    for key in self.step_keys:
+      out['step/' + key] = rlds.get_path(steps, key)
     for key in self.spec.fields:
       value = rlds.get_path(steps, key)
       feature = self._features[key]
@@ -355,11 +501,14 @@ class EpisodeReader:
       out['field/' + key] = value
     return out
 
-  def read(self, split: str, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  def read(self, split: str, prefetch: int = 2, decode=None) -> Iterator[dict[str, np.ndarray]]:
     """Selected raw fields of the episodes of `split` (an expression such as
-    'train[3:6]+train[0:3]'), in that order. TF errors of corrupt shards propagate."""
+    'train[3:6]+train[0:3]'), in that order, with `decode(fields) -> fields` applied in tf.data
+    (e.g. decoding the images in parallel). TF errors of corrupt shards propagate."""
     dataset = rlds.episodes(self.dataset.builder, split, sequential=True)
     dataset = dataset.map(self._select, num_parallel_calls=self.read_threads, deterministic=True)
+    if decode is not None:
+      dataset = dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(prefetch).as_numpy_iterator()
 
   def corrupt(self, segment: Segment, read: int, error: Exception) -> None:
@@ -375,29 +524,31 @@ class EpisodeReader:
 
   def standardize(self, raw: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Raw selected fields of one episode -> the standardised episode."""
-    step = self.spec.subsample
-    raw = {key: value[::step] for key, value in raw.items()}
-    length = len(raw['image'])
-    episode = {'image': raw['image']}
-    if self.use_wrist:
-      episode['wrist_image'] = raw['wrist_image']
-    if 'instruction' not in raw:
-      episode['instruction'] = np.full(length, b'', dtype=object)
-    elif self.spec.instruction_codes:
-      episode['instruction'] = std.decode_instruction_codes(raw['instruction'])
-    else:
-      episode['instruction'] = raw['instruction']
     action = proprio = None
     if self.spec.transform is not None:
       fields = {key[len('field/'):]: value for key, value in raw.items() if key.startswith('field/')}
-      action, proprio = self.spec.transform(fields)
+      try:
+        action, proprio = self.spec.transform(fields)
+      except ValueError as error:  # a spec file's layout that does not fit the data
+        raise DataError(f'{self.spec.name} ({self.dataset.path}): {error}') from None
       if action.ndim != 2 or action.shape[1] != 7:
         raise DataError(f'{self.spec.name}: standardised action has shape {action.shape}, expected (time, 7); '
                         'the registry transform does not match this copy of the data')
-      length = len(action)  # e.g. bridge drops its last step
-      episode = {key: value[:length] for key, value in episode.items()}
-    episode['action'] = action
-    episode['proprio'] = proprio
+    every = self.spec.subsample
+    length = len(raw['image']) if action is None else len(action)  # e.g. bridge drops its last step
+    episode = {'image': raw['image'][:length:every]}
+    if self.use_wrist:
+      episode['wrist_image'] = raw['wrist_image'][:length:every]
+    if 'instruction' not in raw:
+      episode['instruction'] = np.full(len(episode['image']), b'', dtype=object)
+    elif self.spec.instruction_codes:
+      episode['instruction'] = std.decode_instruction_codes(raw['instruction'][:length:every])
+    else:
+      episode['instruction'] = raw['instruction'][:length:every]
+    for key in self.step_keys:
+      episode[key] = raw['step/' + key][:length:every]
+    episode['action'] = None if action is None else std.subsample(action, every)
+    episode['proprio'] = None if proprio is None else proprio[::every]
     return episode
 
   def episodes(self, segment: Segment, skip: int = 0) -> Iterator[dict[str, Any]]:

@@ -42,6 +42,7 @@ import tensorflow as tf
 from lapa_jax.data import mixtures
 from lapa_jax.data import oxe
 from lapa_jax.data import pairs
+from lapa_jax.data import rlds
 from lapa_jax.data import statistics
 
 DataError = oxe.DataError
@@ -54,20 +55,24 @@ _RUNS = weakref.WeakSet()  # live pipeline runs, stopped at exit
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `data` fields of a stage config that reads an Open-X mixture."""
+  """The `data` group of every stage config: a mixture under data_dir, or one dataset at `path`."""
   return ml_collections.ConfigDict(dict(
       data_dir='',                      # holds <name>/<version>/ for every dataset of the mixture
-      mixture='bridge',                 # a named mixture (mixtures.NAMED_MIXTURES) or 'name:weight,...'
+      mixture='',                       # a named mixture (mixtures.NAMED_MIXTURES) or 'name:weight,...'
+      path='',                          # or one RLDS dataset <dir>/<name>/<version> (a one-dataset mixture)
+      spec_file='',                     # describes the `path` dataset (README "Your own dataset")
+      spec=ml_collections.ConfigDict(dict(  # ... or single fields of it, over the file / registry entry
+          fps=0.0, image_key='', wrist_image_key='', instruction_key='', embodiment='',
+          frame_offset_seconds=0.0, action_key='', action_layout='', gripper_open=1.0, gripper_closed=0.0)),
       split='train',
       skip_missing=False,               # datasets of the mixture missing on disk: error, or a warning
       balance='transitions',            # proportions: weight x transitions | x episodes | 'none'
-      image_size=256,
       frame_offset_seconds=0.6,         # pairs of robot data ...
       human_frame_offset_seconds=2.4,   # ... and of human video (embodiment 'human')
-      frame_offsets='',                 # per-dataset overrides in steps, 'name:steps,...'
+      frame_offsets='',                 # per-dataset overrides in steps, 'name:steps,...' (or 'steps' for all)
       episode_end='drop',               # 'drop': no pair crosses an episode end; 'clamp': official LAQ
       max_samples_per_episode=0,        # 0: every pair/step of an episode; else a random subset
-      missing_instruction='',           # 'error' | 'empty'; '' = 'empty' for pairs, 'error' for steps
+      missing_instruction='',           # 'error' | 'empty'; '' = 'empty' for pairs and frames, 'error' for steps
       action_normalization='none',      # steps: 'none' | 'bounds_q99' (gripper kept) | 'normal'
       on_corrupt='skip',                # corrupted/truncated shard: 'skip' (counted warning) | 'error'
       ram_budget_gb=4.0,                # host RAM the pipeline may use: sets the sizes below
@@ -75,22 +80,86 @@ def default_config() -> ml_collections.ConfigDict:
       decode_threads=0,                 # 0: CPU count (capped by the budget)
       read_threads=0,                   # parse threads shared by the datasets; 0: CPU count
       cycle_length=4,                   # shards read round-robin per dataset (capped by the budget)
-      image_dtype='float32',            # 'float32' in [0, 1] (as data/pairs.py) or 'uint8'
+      image_dtype='uint8',              # 'uint8' (convert on the accelerator) or 'float32' in [0, 1]
       statistics_cache_dir='',          # where statistics go when the data directory is read-only
   ))
+
+
+@dataclasses.dataclass(frozen=True)
+class Content:
+  """What each sample carries.
+
+  pairs: 'video' (2, S, S, 3) frames (x_t, x_{t+H}) and 'frame_offset'.
+  steps: 'image' (S, S, 3) when `images`, the standardised 'action' (7,) when `actions`, and each
+  step feature of `step_keys` as stored (e.g. a labelled dataset's 'latent_action', 'vision_tokens').
+  Both: 'instruction', 'episode_index', 'dataset_index' (and 'dataset' names).
+  """
+  mode: str
+  images: bool = True
+  actions: bool = False
+  step_keys: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise DataError(f'mode must be one of {MODES}, got {self.mode!r}')
+    if self.mode == 'pairs' and (self.actions or self.step_keys or not self.images):
+      raise DataError('frame pairs carry images only')
+
+  @property
+  def frames(self) -> int:
+    return 0 if not self.images else 2 if self.mode == 'pairs' else 1
+
+
+PAIRS = Content('pairs')
+
+
+def spec_overrides(config) -> dict[str, Any]:
+  """The fields of `config.spec` that are set (non-empty, non-zero; gripper values with an action field)."""
+  fields = config.spec.to_dict()
+  out = {key: value for key, value in fields.items()
+         if key not in ('gripper_open', 'gripper_closed') and value not in ('', 0, 0.0, None)}
+  if 'action_key' in out or 'action_layout' in out:
+    out.update(gripper_open=fields['gripper_open'], gripper_closed=fields['gripper_closed'])
+  return out
+
+
+def open_datasets(config) -> list[tuple[oxe.Dataset, float]]:
+  """(dataset, weight) of `config.mixture` under `config.data_dir`, or the one dataset at `config.path`
+  described by its registry entry / lapa_spec.json, then `config.spec_file`, then `config.spec` fields."""
+  overrides = spec_overrides(config)
+  if config.path and config.mixture:
+    raise DataError(f'data.path ({config.path}) and data.mixture ({config.mixture}) are both set; give one')
+  if not config.path:
+    if config.spec_file or overrides:
+      raise DataError('data.spec_file and data.spec.* describe the dataset of data.path; a mixture\'s datasets '
+                      f'describe themselves with a {oxe.SPEC_FILE} in their version directory')
+    if not config.mixture:
+      raise DataError('set data.path to an RLDS dataset <dir>/<name>/<version>, or data.mixture (with data.data_dir) '
+                      f'to a mixture ({", ".join(mixtures.NAMED_MIXTURES)} or name:weight,...)')
+    if not config.data_dir:
+      raise DataError('data.data_dir is empty; set it to the directory holding <name>/<version>/ datasets')
+    return mixtures.resolve(config.data_dir, config.mixture, skip_missing=config.skip_missing)
+  version_dir = rlds.resolve_version_dir(config.path)
+  name = os.path.basename(os.path.dirname(version_dir))
+  spec = oxe.read_spec_file(config.spec_file, name) if config.spec_file else None
+  if overrides:
+    base = spec or oxe.spec_from_metadata(version_dir, name) or oxe.REGISTRY.get(name)
+    spec = oxe.override_spec(base, overrides, name, 'data.spec')
+  return [(oxe.open_path(version_dir, name=name, spec=spec), 1.0)]
 
 
 def _seed(*parts: int) -> np.random.Generator:
   return np.random.default_rng([int(part) for part in parts])
 
 
-def _parse_offsets(text: str) -> dict[str, int]:
+def _parse_offsets(text: str) -> dict[str | None, int]:
+  """'name:steps,...' -> {name: steps}; a bare 'steps' applies to every dataset (key None)."""
   out = {}
   for item in filter(None, (part.strip() for part in text.split(','))):
-    name, _, steps = item.partition(':')
+    name, _, steps = item.rpartition(':')
     if not steps.strip().isdigit() or int(steps) < 1:
-      raise DataError(f'frame_offsets entry {item!r}: expected name:steps with steps >= 1')
-    out[name.strip()] = int(steps)
+      raise DataError(f'data.frame_offsets entry {item!r}: expected name:steps (or steps) with steps >= 1')
+    out[name.strip() or None] = int(steps)
   return out
 
 
@@ -213,10 +282,10 @@ class EpisodeStream:
 class SampleStream:
   """Samples of one source's episodes, each episode's samples in its own shuffled order."""
 
-  def __init__(self, source: Source, *, mode: str, seed: int, cycle_length: int, episode_end: str,
+  def __init__(self, source: Source, *, content: Content, seed: int, cycle_length: int, episode_end: str,
                max_samples_per_episode: int):
     self.source = source
-    self.mode = mode
+    self.content = content
     self.seed = seed
     self.episode_end = episode_end
     self.max_samples = max_samples_per_episode
@@ -240,7 +309,7 @@ class SampleStream:
 
   def _samples(self, length: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Step indices (first, second) of the samples of an episode: its pairs, or its steps (None)."""
-    if self.mode == 'steps':
+    if self.content.mode == 'steps':
       return np.arange(length), None
     return pairs.pair_indices(length, self.source.frame_offset, self.episode_end)
 
@@ -264,8 +333,10 @@ class SampleStream:
     self._taken, self._skip = self._skip, 0
 
   def take(self, count: int) -> dict[str, np.ndarray]:
-    """The next `count` samples as columns: 'frames' ((count, 2) pairs x_t, x_t+H, or (count,) steps;
-    encoded bytes), 'instruction', 'episode_index', and 'frame_offset' (pairs) or 'action' (steps)."""
+    """The next `count` samples as columns (see Content): 'frames' ((count, 2) pairs x_t, x_t+H, or
+    (count,) steps; encoded bytes), 'instruction', 'episode_index', and 'frame_offset' (pairs) or
+    'action' and the step keys (steps)."""
+    content = self.content
     parts = []
     taken = 0
     while taken < count:
@@ -275,16 +346,20 @@ class SampleStream:
       chosen = self._order[self._taken:self._taken + count - taken]
       self._taken += len(chosen)
       taken += len(chosen)
-      images = self._episode['image']
-      part = {'instruction': self._episode['instruction'][chosen],
+      episode = self._episode
+      part = {'instruction': episode['instruction'][chosen],
               'episode_index': np.full(len(chosen), self._index, np.int64)}
-      if self.mode == 'pairs':
+      if content.mode == 'pairs':
         second = self._second[chosen]  # first == arange, so a start is its own position
-        part['frames'] = np.stack([images[chosen], images[second]], axis=1)
+        part['frames'] = np.stack([episode['image'][chosen], episode['image'][second]], axis=1)
         part['frame_offset'] = (second - chosen).astype(np.int32)
       else:
-        part['frames'] = images[chosen]
-        part['action'] = self._episode['action'][chosen]
+        if content.images:
+          part['frames'] = episode['image'][chosen]
+        if content.actions:
+          part['action'] = episode['action'][chosen]
+        for key in content.step_keys:
+          part[key] = episode[key][chosen]
       parts.append(part)
     return concat(parts)
 
@@ -299,12 +374,14 @@ class Mixture:
   """The fixed part of a mixture pipeline - its sources, sizes, block building and decoding - shared
   by a MixtureIterator and its builder thread (which must not keep the iterator alive)."""
 
-  def __init__(self, sources: list[Source], *, mode: str, batch_size: int, seed: int, process_index: int,
+  def __init__(self, sources: list[Source], *, content: Content, batch_size: int, seed: int, process_index: int,
                process_count: int, image_size: int, image_dtype: str, block_size: int, decode_threads: int,
                cycle_length: int, episode_end: str, max_samples_per_episode: int,
-               action_normalization: str, autotune_ram_budget: int):
+               action_normalization: str, autotune_ram_budget: int,
+               step_key_specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
     self.sources = sources
-    self.mode = mode
+    self.content = content
+    self.mode = content.mode
     self.batch_size = batch_size
     self.seed = seed
     self.process_index = process_index
@@ -318,12 +395,13 @@ class Mixture:
     self.max_samples_per_episode = max_samples_per_episode
     self.action_normalization = action_normalization
     self.autotune_ram_budget = autotune_ram_budget
+    self.step_key_specs = step_key_specs
     self.probabilities = np.array([source.probability for source in sources])
     self.names = np.array([source.name.encode() for source in sources], dtype=object)
     self._normalizers = [self._normalizer(source) for source in sources]
 
   def new_streams(self) -> list[SampleStream]:
-    return [SampleStream(source, mode=self.mode, seed=self.seed, cycle_length=self.cycle_length,
+    return [SampleStream(source, content=self.content, seed=self.seed, cycle_length=self.cycle_length,
                          episode_end=self.episode_end, max_samples_per_episode=self.max_samples_per_episode)
             for source in self.sources]
 
@@ -340,7 +418,7 @@ class Mixture:
     return {key: value[order] for key, value in concat(parts).items()}
 
   def _normalizer(self, source: Source):
-    if self.mode != 'steps' or self.action_normalization == 'none':
+    if not self.content.actions or self.action_normalization == 'none':
       return None
     action = source.statistics['action']
     mask = np.ones(7, bool)
@@ -354,7 +432,7 @@ class Mixture:
 
   def encode_batch(self, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The encoded batch handed to tf.data (actions normalised per dataset when configured)."""
-    if self.mode == 'steps':
+    if self.content.actions:
       actions = columns['action'].astype(np.float32)
       for index, normalize in enumerate(self._normalizers):
         rows = columns['dataset_index'] == index
@@ -365,14 +443,17 @@ class Mixture:
 
   def signature(self) -> dict[str, tf.TensorSpec]:
     batch = self.batch_size
-    spec = {'frames': tf.TensorSpec((batch, 2) if self.mode == 'pairs' else (batch,), tf.string),
-            'instruction': tf.TensorSpec((batch,), tf.string),
+    spec = {'instruction': tf.TensorSpec((batch,), tf.string),
             'episode_index': tf.TensorSpec((batch,), tf.int64),
             'dataset_index': tf.TensorSpec((batch,), tf.int32)}
+    if self.content.images:
+      spec['frames'] = tf.TensorSpec((batch, 2) if self.mode == 'pairs' else (batch,), tf.string)
     if self.mode == 'pairs':
       spec['frame_offset'] = tf.TensorSpec((batch,), tf.int32)
-    else:
+    if self.content.actions:
       spec['action'] = tf.TensorSpec((batch, 7), tf.float32)
+    for key, (shape, dtype) in self.step_key_specs.items():
+      spec[key] = tf.TensorSpec((batch, *shape), tf.as_dtype(dtype))
     return spec
 
   @property
@@ -381,15 +462,17 @@ class Mixture:
 
   def decode(self, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     """One encoded sample -> uint8 frames at image_size (resized only if stored at another size)."""
-    example[self.image_name] = pairs.decode_frames(example.pop('frames'), (self.image_size, self.image_size))
+    if self.content.images:
+      example[self.image_name] = pairs.decode_frames(example.pop('frames'), (self.image_size, self.image_size))
     return example
 
 
 class MixtureIterator:
   """BatchIterator over a mixture; see the module docstring. Batches (local batch B):
 
-  pairs: 'video' (B, 2, S, S, 3) float32 in [0, 1] (or uint8), 'frame_offset' (B,) int32
-  steps: 'image' (B, S, S, 3), 'action' (B, 7) float32 (standardised, optionally normalised)
+  pairs: 'video' (B, 2, S, S, 3) uint8 (or float32 in [0, 1]), 'frame_offset' (B,) int32
+  steps: 'image' (B, S, S, 3), 'action' (B, 7) float32 (standardised, optionally normalised) and the
+         step keys (B, ...) as stored, as far as the Content asks for them
   both:  'instruction' (B,) bytes, 'dataset' (B,) bytes (name), 'dataset_index' (B,) int32,
          'episode_index' (B,) int64 (index of the episode in its dataset's split)
   """
@@ -403,7 +486,7 @@ class MixtureIterator:
   # --- data position -------------------------------------------------------------------------
   def _fingerprint(self) -> dict[str, Any]:
     m = self.mixture
-    return {'version': STATE_VERSION, 'mode': m.mode, 'seed': m.seed, 'batch_size': m.batch_size,
+    return {'version': STATE_VERSION, 'mode': m.mode, 'seed': m.seed, 'images': m.content.images, 'batch_size': m.batch_size,
             'block_size': m.block_size, 'process_index': m.process_index,
             'process_count': m.process_count, 'datasets': [source.name for source in m.sources],
             'frame_offsets': [source.frame_offset for source in m.sources]}
@@ -457,7 +540,7 @@ class _Run:
     dataset = tf.data.Dataset.from_generator(self._batches, output_signature=mixture.signature())
     dataset = dataset.unbatch().map(mixture.decode, num_parallel_calls=mixture.decode_threads, deterministic=True)
     dataset = dataset.batch(mixture.batch_size, drop_remainder=True)
-    if mixture.image_dtype == 'float32':
+    if mixture.image_dtype == 'float32' and mixture.content.images:
       dataset = dataset.map(lambda batch: pairs.to_float(batch, mixture.image_name))
     dataset = dataset.prefetch(2)
     options = tf.data.Options()
@@ -549,36 +632,40 @@ def _stop_runs() -> None:
 
 # --- construction ----------------------------------------------------------------------------------
 
-def _plan(config, sources: list[Source], *, mode: str, batch_size: int, frame_bytes: list[float]) -> dict:
+def _plan(config, sources: list[Source], *, content: Content, image_size: int, batch_size: int,
+          frame_bytes: list[float], epoch_samples: int) -> dict:
   """Buffer sizes and thread counts that keep the pipeline's buffers inside config.ram_budget_gb.
 
   Shares of the budget: decoded batches (four: two prefetched, one being assembled, one held by
   the caller; plus a uint8 one before the float conversion), decode threads 1/12 (each holds one
   sample in float32 while resizing), readers 1/6 (cycle_length x 3 episodes per dataset, every
   field as stored), tf.data autotuning 1/10, a reserve of 1/5 for allocator slack and copies, and
-  the rest two shuffle blocks (one being cut into batches, the next being built). The block size
-  depends only on the config and the data - never on the machine - so a saved position stays
-  valid on other hosts. TensorFlow's own memory (~0.5-1 GB) is not part of the budget.
+  the rest two shuffle blocks (one being cut into batches, the next being built), but no more
+  than this process's samples of one epoch (`epoch_samples`): a block holding a small dataset many
+  times over shuffles no better and only delays the first batch. The block size depends only on
+  the config and the data - never on the machine - so a saved position stays valid on other hosts.
+  TensorFlow's own memory (~0.5-1 GB) is not part of the budget.
   """
   budget = float(config.ram_budget_gb) * 2**30
-  frames = 2 if mode == 'pairs' else 1
-  pixels = batch_size * frames * config.image_size**2 * 3  # values in one batch of frames
+  frames = content.frames
+  pixels = batch_size * frames * image_size**2 * 3  # values in one batch of frames
   decoded_batches = 4 * pixels * (4 if config.image_dtype == 'float32' else 1)
   if config.image_dtype == 'float32':
     decoded_batches += pixels  # the uint8 batch before the conversion
   if decoded_batches > budget / 3:
     raise DataError(f'ram_budget_gb={config.ram_budget_gb} is too small for batches of {batch_size} x '
-                    f'{frames} x {config.image_size}^2 {config.image_dtype} images; need at least '
+                    f'{frames} x {image_size}^2 {config.image_dtype} images; need at least '
                     f'{3 * decoded_batches / 2**30:.2f} GB')
   cpus = os.cpu_count() or 1
   decode_threads = min(config.decode_threads or cpus,
-                       max(1, int(budget / 12 / (frames * config.image_size**2 * 3 * 4))))
+                       max(1, int(budget / 12 / max(1, frames * image_size**2 * 3 * 4))))
   episode_bytes = sum(oxe.episode_bytes(source.dataset, config.split) for source in sources)
   cycle = max(1, min(config.cycle_length, int(budget / 6 / max(1.0, 3 * episode_bytes))))
   probabilities = np.array([source.probability for source in sources])
-  sample_bytes = float(np.dot(probabilities, frame_bytes)) * frames + 300  # + Python object overhead
+  # + the other columns (instruction, step keys) and Python object overhead
+  sample_bytes = float(np.dot(probabilities, frame_bytes)) * frames + 2000
   shuffle_share = budget * (1 - 1 / 12 - 1 / 6 - 1 / 10 - 1 / 5) - decoded_batches
-  block = int(config.shuffle_buffer) or int(shuffle_share / (2 * sample_bytes))
+  block = int(config.shuffle_buffer) or min(int(shuffle_share / (2 * sample_bytes)), max(batch_size, epoch_samples))
   if block < batch_size:
     raise DataError(f'ram_budget_gb={config.ram_budget_gb} leaves room for a shuffle block of {block} '
                     f'samples, fewer than batch_size {batch_size}; raise ram_budget_gb')
@@ -587,62 +674,121 @@ def _plan(config, sources: list[Source], *, mode: str, batch_size: int, frame_by
           'autotune_ram_budget': int(budget / 10), 'sample_bytes': sample_bytes}
 
 
-def _probe_frame_bytes(reader: oxe.EpisodeReader, segment: oxe.Segment) -> float:
-  """Mean encoded size of the primary image in the first readable episode of `segment`."""
+def _probe(reader: oxe.EpisodeReader, segment: oxe.Segment) -> tuple[float, int]:
+  """(mean encoded size of the primary image, steps) of the first readable episode of `segment`."""
   for episode in reader.episodes(segment):
-    return float(np.mean([len(frame) for frame in episode['image']]))
-  return 0.0
+    return float(np.mean([len(frame) for frame in episode['image']])), len(episode['image'])
+  return 0.0, 0
 
 
-def build_sources(config, *, mode: str, process_index: int, process_count: int,
-                  progress: bool = True) -> list[Source]:
-  """Opens and checks the mixture's datasets; every check runs before any long work."""
-  if mode not in MODES:
-    raise DataError(f'mode must be one of {MODES}, got {mode!r}')
+def _epoch_samples(source: Source, content: Content, steps_per_episode: float, episode_end: str) -> int:
+  """About how many samples one epoch of this process's slice of `source` holds."""
+  dropped = source.frame_offset if content.mode == 'pairs' and episode_end == 'drop' else 0
+  per_episode = steps_per_episode - dropped
+  return int(sum(segment.size for segment in source.segments) * max(1.0, per_episode))
+
+
+def _check_fields(config) -> None:
   for field, allowed in (('episode_end', pairs.EPISODE_ENDS), ('balance', mixtures.BALANCES),
                          ('on_corrupt', oxe.CORRUPT_POLICIES), ('action_normalization', NORMALIZATIONS),
                          ('image_dtype', pairs.IMAGE_DTYPES)):
     if config[field] not in allowed:
       raise DataError(f'data.{field} must be one of {allowed}, got {config[field]!r}')
-  policy = config.missing_instruction or ('empty' if mode == 'pairs' else 'error')
+
+
+def _needs_statistics(config, dataset_count: int) -> bool:
+  return (config.balance == 'transitions' and dataset_count > 1) or config.action_normalization != 'none'
+
+
+def dataset_statistics(config, *, progress: bool = True) -> dict[str, dict]:
+  """{dataset name: statistics} that a pipeline over `config` needs (statistics.py; cached on disk).
+
+  Multi-host runs call this on process 0 only and hand the result to every process's
+  `build_sources(statistics=...)`, so that each dataset is read once, not once per host
+  (lapa_jax.train.data does that).
+  """
+  _check_fields(config)
+  opened = open_datasets(config)
+  if not _needs_statistics(config, len(opened)):
+    return {}
+  return {dataset.spec.name: statistics.load_or_compute(
+              dataset, config.split.split('[')[0], cache_dir=config.statistics_cache_dir or None,
+              on_corrupt=config.on_corrupt, progress=progress)
+          for dataset, _ in opened}
+
+
+def dataset_actions(config, *, progress: bool = True) -> np.ndarray:
+  """Every standardised action (steps, 7) float32 of config.split over the datasets of `config`, in
+  file order: what equal-frequency action bins are fitted on (data/actions.py)."""
+  import tqdm
+
+  _check_fields(config)
+  if config.action_normalization != 'none':
+    raise DataError('data.action_normalization must be "none" where actions are binned: equal-frequency '
+                    'bins already adapt to each dimension\'s scale')
+  chunks = []
+  for dataset, _ in open_datasets(config):
+    if dataset.spec.transform is None:
+      raise DataError(f'{dataset.spec.name} ({dataset.path}) has no actions to fit action bins on')
+    reader = oxe.EpisodeReader(dataset, on_corrupt=config.on_corrupt)
+    segments = reader.segments(config.split)
+    with tqdm.tqdm(total=sum(s.size for s in segments), desc=f'actions {dataset.spec.name}', unit='episode',
+                   disable=not progress) as bar:
+      for segment in segments:
+        for episode in reader.episodes(segment):
+          chunks.append(episode['action'])
+          bar.update(1)
+  if not chunks:
+    raise DataError(f'{config.path or config.mixture}: split {config.split!r} has no readable actions')
+  return np.concatenate(chunks).astype(np.float32)
+
+
+def build_sources(config, *, content: Content, process_index: int, process_count: int,
+                  statistics_by_name: dict[str, dict] | None = None, progress: bool = True) -> list[Source]:
+  """Opens and checks the datasets (see open_datasets); every check runs before any long work.
+
+  `statistics_by_name` (dataset_statistics' result) saves reading the statistics here.
+  """
+  _check_fields(config)
+  policy = config.missing_instruction or ('error' if content.mode == 'steps' and content.actions else 'empty')
   if policy not in INSTRUCTION_POLICIES:
     raise DataError(f'data.missing_instruction must be one of {INSTRUCTION_POLICIES}, got {policy!r}')
-  if not config.data_dir:
-    raise DataError('data.data_dir is empty; set it to the directory holding <name>/<version>/ datasets')
   offsets = _parse_offsets(config.frame_offsets)
-  opened = mixtures.resolve(config.data_dir, config.mixture, skip_missing=config.skip_missing)
-  unknown = set(offsets) - {dataset.spec.name for dataset, _ in opened}
+  opened = open_datasets(config)
+  unknown = set(offsets) - {dataset.spec.name for dataset, _ in opened} - {None}
   if unknown:
     raise DataError(f'data.frame_offsets names datasets not in the mixture: {", ".join(sorted(unknown))}')
   for dataset, _ in opened:
     spec = dataset.spec
     if spec.instruction_key is None and policy == 'error':
-      raise DataError(f'{spec.name} ({dataset.path}) has no instructions but this {mode} pipeline is '
+      raise DataError(f'{spec.name} ({dataset.path}) has no instructions but this pipeline is '
                       'language-conditioned; set data.missing_instruction="empty" to use empty strings')
-    if mode == 'steps' and spec.transform is None:
-      raise DataError(f'{spec.name} ({dataset.path}) has no actions; VLA step examples need them '
-                      '(use it in a frame-pair mixture instead)')
+    if content.actions and spec.transform is None:
+      raise DataError(f'{spec.name} ({dataset.path}) has no actions, which this stage needs '
+                      '(video without actions serves the LAQ and latent pretraining)')
   sources = []
   for index, (dataset, weight) in enumerate(opened):
     spec = dataset.spec
-    reader = oxe.EpisodeReader(dataset, on_corrupt=config.on_corrupt)
+    reader = oxe.EpisodeReader(dataset, on_corrupt=config.on_corrupt, step_keys=content.step_keys)
     segments = reader.segments(config.split, process_index, process_count)
-    offset = offsets.get(spec.name) or oxe.default_frame_offset(
+    offset = offsets.get(spec.name) or offsets.get(None) or oxe.default_frame_offset(
         spec, config.frame_offset_seconds, config.human_frame_offset_seconds)
     sources.append(Source(index=index, dataset=dataset, reader=reader, segments=segments,
-                          probability=weight, frame_offset=offset if mode == 'pairs' else 0))
-  needs_statistics = config.balance == 'transitions' or config.action_normalization != 'none'
-  for source in sources:
-    if needs_statistics:
-      source.statistics = statistics.load_or_compute(
-          source.dataset, config.split.split('[')[0], cache_dir=config.statistics_cache_dir or None,
-          on_corrupt=config.on_corrupt, progress=progress)
+                          probability=weight, frame_offset=offset if content.mode == 'pairs' else 0))
+  if _needs_statistics(config, len(sources)):
+    for source in sources:
+      if statistics_by_name is not None and source.name in statistics_by_name:
+        source.statistics = statistics_by_name[source.name]
+      else:
+        source.statistics = statistics.load_or_compute(
+            source.dataset, config.split.split('[')[0], cache_dir=config.statistics_cache_dir or None,
+            on_corrupt=config.on_corrupt, progress=progress)
       if config.action_normalization != 'none' and 'action' not in source.statistics:
         raise DataError(f'{source.name}: no action statistics to normalise with')
-  if config.balance == 'transitions':
+  if config.balance == 'transitions' and len(sources) > 1:
     sizes = [source.statistics['num_transitions'] for source in sources]
   elif config.balance == 'episodes':
-    sizes = [source.dataset.builder.info.splits[config.split].num_examples for source in sources]
+    sizes = [source.dataset.builder.info.splits[config.split.split('[')[0]].num_examples for source in sources]
   else:
     sizes = None
   for source, probability in zip(sources, mixtures.proportions([s.probability for s in sources], sizes)):
@@ -650,37 +796,69 @@ def build_sources(config, *, mode: str, process_index: int, process_count: int,
   return sources
 
 
-def mixture_iterator(config, *, mode: str, batch_size: int, seed: int = 0, process_index: int = 0,
-                     process_count: int = 1, progress: bool = True) -> MixtureIterator:
-  """A MixtureIterator over `config.mixture` (see default_config) for one process."""
+def _step_key_specs(sources: list[Source], step_keys: Sequence[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Shape and dtype of each step key, the same in every dataset of the mixture."""
+  specs = {}
+  for key in step_keys:
+    found = {}
+    for source in sources:
+      feature = rlds.step_features(source.dataset.builder)[key]
+      found[source.name] = (tuple(feature.shape), np.dtype(feature.np_dtype))
+    if len(set(found.values())) > 1:
+      raise DataError(f'step feature {key!r} differs between the datasets: '
+                      + ', '.join(f'{name} {shape} {dtype}' for name, (shape, dtype) in found.items()))
+    specs[key] = next(iter(found.values()))
+  return specs
+
+
+def mixture_iterator(config, *, content: Content, image_size: int, batch_size: int, seed: int = 0,
+                     process_index: int = 0, process_count: int = 1,
+                     statistics_by_name: dict[str, dict] | None = None, progress: bool = True) -> MixtureIterator:
+  """A MixtureIterator over the datasets of `config` (see default_config) for one process."""
   if batch_size < 1:
     raise DataError(f'batch_size must be >= 1, got {batch_size}')
-  sources = build_sources(config, mode=mode, process_index=process_index, process_count=process_count,
-                          progress=progress)
-  frame_bytes = [source.statistics['image_bytes_mean'] if source.statistics
-                 else _probe_frame_bytes(source.reader, source.segments[0]) for source in sources]
-  plan = _plan(config, sources, mode=mode, batch_size=batch_size, frame_bytes=frame_bytes)
+  if content.images and image_size < 1:
+    raise DataError(f'image_size must be >= 1, got {image_size}')
+  sources = build_sources(config, content=content, process_index=process_index, process_count=process_count,
+                          statistics_by_name=statistics_by_name, progress=progress)
+  frame_bytes, epoch_samples = [], 0
+  for source in sources:
+    if source.statistics:
+      image_bytes = source.statistics['image_bytes_mean']
+      steps = source.statistics['num_transitions'] / max(1, source.statistics['num_trajectories'])
+    else:
+      image_bytes, steps = _probe(source.reader, source.segments[0])
+    frame_bytes.append(image_bytes if content.images else 0.0)
+    epoch_samples += _epoch_samples(source, content, steps, config.episode_end)
+  plan = _plan(config, sources, content=content, image_size=image_size, batch_size=batch_size,
+               frame_bytes=frame_bytes, epoch_samples=epoch_samples)
   for source, threads in zip(sources, plan['read_threads']):
     source.reader.read_threads = threads
-  _log.info('mixture %s: %s; plan %s', config.mixture,
+  _log.info('data %s: %s; plan %s', config.path or config.mixture,
             ', '.join(f'{s.name} p={s.probability:.3f} H={s.frame_offset}' for s in sources), plan)
   return MixtureIterator(Mixture(
-      sources, mode=mode, batch_size=batch_size, seed=seed, process_index=process_index,
-      process_count=process_count, image_size=int(config.image_size), image_dtype=config.image_dtype,
+      sources, content=content, batch_size=batch_size, seed=seed, process_index=process_index,
+      process_count=process_count, image_size=int(image_size), image_dtype=config.image_dtype,
       block_size=plan['block_size'], decode_threads=plan['decode_threads'], cycle_length=plan['cycle_length'],
       episode_end=config.episode_end, max_samples_per_episode=int(config.max_samples_per_episode),
-      action_normalization=config.action_normalization, autotune_ram_budget=plan['autotune_ram_budget']))
+      action_normalization=config.action_normalization, autotune_ram_budget=plan['autotune_ram_budget'],
+      step_key_specs=_step_key_specs(sources, content.step_keys)))
 
 
-def pair_iterator(config, *, batch_size: int, seed: int = 0, process_index: int = 0,
-                  process_count: int = 1, progress: bool = True) -> MixtureIterator:
-  """LAQ frame pairs over a mixture: (x_t, x_{t+H_d}), H_d from each dataset's fps."""
-  return mixture_iterator(config, mode='pairs', batch_size=batch_size, seed=seed,
-                          process_index=process_index, process_count=process_count, progress=progress)
+def pair_iterator(config, *, image_size: int, batch_size: int, **kwargs) -> MixtureIterator:
+  """LAQ frame pairs: (x_t, x_{t+H_d}), H_d from each dataset's fps. kwargs: see mixture_iterator."""
+  return mixture_iterator(config, content=PAIRS, image_size=image_size, batch_size=batch_size, **kwargs)
 
 
-def step_iterator(config, *, batch_size: int, seed: int = 0, process_index: int = 0,
-                  process_count: int = 1, progress: bool = True) -> MixtureIterator:
-  """VLA step examples over a mixture: current image, instruction, standardised action, dataset."""
-  return mixture_iterator(config, mode='steps', batch_size=batch_size, seed=seed,
-                          process_index=process_index, process_count=process_count, progress=progress)
+def frame_iterator(config, *, image_size: int, batch_size: int, **kwargs) -> MixtureIterator:
+  """Single frames ('image') with their instructions, e.g. for the vision tokenizer; no actions needed."""
+  return mixture_iterator(config, content=Content('steps'), image_size=image_size, batch_size=batch_size,
+                          **kwargs)
+
+
+def step_iterator(config, *, image_size: int = 0, batch_size: int, images: bool = True,
+                  actions: bool = True, step_keys: Sequence[str] = (), **kwargs) -> MixtureIterator:
+  """VLA step examples: current image (if `images`), instruction, standardised action (if `actions`)
+  and step features such as a labelled dataset's 'latent_action' and 'vision_tokens'."""
+  content = Content('steps', images=images, actions=actions, step_keys=tuple(step_keys))
+  return mixture_iterator(config, content=content, image_size=image_size, batch_size=batch_size, **kwargs)

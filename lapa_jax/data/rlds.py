@@ -193,6 +193,50 @@ def episodes(builder: tfds.core.DatasetBuilder, split: str, *, process_index: in
   return dataset.with_options(options)
 
 
+SHARD_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}'
+
+
+def shard_path(version_dir: str, name: str, split: str, index: int) -> str:
+  """Where shard `index` of `split` lives: the file name TFDS' SequentialWriter gives it."""
+  return os.path.join(version_dir, f'{name}-{split}.tfrecord-{index:05d}')
+
+
+def write_shard(path: str, features: tfds.features.FeaturesDict, episodes: Iterable[dict]) -> dict[str, int]:
+  """Encodes `episodes` with `features` into the tfrecord file `path`, written under a temporary name
+  and renamed when complete; returns {'episodes': count, 'bytes': serialised size}."""
+  serializer = tfds.core.example_serializer.ExampleSerializer(features.get_serialized_info())
+  temporary = f'{path}.incomplete-{os.getpid()}'
+  count = size = 0
+  with tf.io.TFRecordWriter(temporary) as writer:
+    for episode in episodes:
+      record = serializer.serialize_example(features.encode_example(episode))
+      writer.write(record)
+      count += 1
+      size += len(record)
+  os.replace(temporary, path)
+  return {'episodes': count, 'bytes': size}
+
+
+def write_info(version_dir: str, *, name: str, version: str, features: tfds.features.FeaturesDict,
+               shards: Mapping[str, list[dict[str, int]]], description: str = '', metadata: dict | None = None) -> None:
+  """dataset_info.json, features.json (and metadata.json) for the shards `write_shard` wrote, per split
+  in index order, so that `tfds.builder_from_directory(version_dir)` reads them."""
+  info = tfds.core.DatasetInfo(
+      builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(version), data_dir=version_dir,
+                                        module_name=''),
+      description=description, features=features, metadata=tfds.core.MetadataDict(metadata or {}))
+  info.set_file_format('tfrecord')
+  info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(
+          name=split, shard_lengths=[shard['episodes'] for shard in split_shards],
+          num_bytes=sum(shard['bytes'] for shard in split_shards),
+          filename_template=tfds.core.ShardedFileTemplate(
+              data_dir=version_dir, template=SHARD_TEMPLATE, dataset_name=name, split=split,
+              filetype_suffix='tfrecord'))
+      for split, split_shards in shards.items()]))
+  info.write_to_directory(version_dir)
+
+
 def write_dataset(version_dir: str | os.PathLike, *, name: str, version: str,
                   features: tfds.features.FeaturesDict, splits: Mapping[str, Iterable[dict]],
                   description: str = '', metadata: dict | Callable[[], dict] | None = None,
@@ -203,13 +247,14 @@ def write_dataset(version_dir: str | os.PathLike, *, name: str, version: str,
 
   `features` is a FeaturesDict with a 'steps' Dataset; `splits` maps each split to its episodes,
   {'steps': [step dicts], ...episode fields}, as `features` encodes them (images as arrays or
-  already-encoded bytes). tfds.core.SequentialWriter writes them in the given order,
-  `episodes_per_shard` per tfrecord shard, into a temporary directory next to `version_dir` that is
-  renamed when complete (and removed on failure). `metadata` (TFDS' metadata.json, read back as
+  already-encoded bytes). They are written in the given order, `episodes_per_shard` per tfrecord
+  shard (write_shard), into a temporary directory next to `version_dir` that is renamed when
+  complete (and removed on failure). `metadata` (TFDS' metadata.json, read back as
   builder.info.metadata) and `extra_files` ({file name: JSON value}) may be functions called after
   the last episode, for what only the episodes tell (a video's fps). A tqdm bar counts the episodes
   (of `total`), showing `postfix(episode)`.
   """
+  import itertools
   import json
   import shutil
   import tempfile
@@ -225,32 +270,29 @@ def write_dataset(version_dir: str | os.PathLike, *, name: str, version: str,
   os.makedirs(parent, exist_ok=True)
   temp_dir = tempfile.mkdtemp(prefix=f'.{os.path.basename(version_dir)}.incomplete-', dir=parent)
   try:
-    metadata_dict = tfds.core.MetadataDict(metadata if isinstance(metadata, Mapping) else {})
-    info = tfds.core.DatasetInfo(
-        builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version(version),
-                                          data_dir=temp_dir, module_name=''),
-        description=description, features=features, metadata=metadata_dict)
-    writer = tfds.core.SequentialWriter(info, max_examples_per_shard=episodes_per_shard)
-    writer.initialize_splits(list(splits))
+    shards = {}
     with tqdm.tqdm(total=total, desc=f'write {name}', unit='episode', disable=not progress) as bar:
 
-      def counted(split, episodes):
-        count = 0
+      def counted(episodes):
         for episode in episodes:
           yield episode
-          count += 1
           if postfix is not None:
             bar.set_postfix(postfix(episode), refresh=False)
           bar.update(1)
-        if count == 0:
-          raise DataError(f'{version_dir}: split {split!r} has no episodes')
 
       for split, episodes in splits.items():
-        # SequentialWriter serialises and shards the examples one by one as it iterates them.
-        writer.add_examples({split: counted(split, episodes)})
-    if callable(metadata):
-      metadata_dict.update(metadata())
-    writer.close_all()  # also writes dataset_info.json, features.json and metadata.json
+        episodes, shards[split] = counted(iter(episodes)), []
+        while True:  # one shard after the other, streaming the episodes
+          path = shard_path(temp_dir, name, split, len(shards[split]))
+          written = write_shard(path, features, itertools.islice(episodes, episodes_per_shard))
+          if not written['episodes']:
+            os.remove(path)
+            break
+          shards[split].append(written)
+        if not shards[split]:
+          raise DataError(f'{version_dir}: split {split!r} has no episodes')
+    write_info(temp_dir, name=name, version=version, features=features, shards=shards, description=description,
+               metadata=metadata() if callable(metadata) else metadata)
     extra_files = extra_files() if callable(extra_files) else extra_files or {}
     for file_name, content in extra_files.items():
       with open(os.path.join(temp_dir, file_name), 'w') as f:

@@ -251,6 +251,38 @@ def fanuc(fields: Fields):
   return _f32(fields['action'], invert_gripper(state[:, 6:7])), state
 
 
-def identity7(fields: Fields):
-  """A dataset already written in the standard layout (lapa_jax's own writers)."""
-  return _f32(fields['action']), None
+LAYOUT_NAMES = ('x', 'y', 'z', 'roll', 'pitch', 'yaw', 'gripper', 'ignore')
+
+
+def from_layout(fields: Fields, *, key: str, layout: tuple[str, ...], gripper_open: float = 1.0,
+                gripper_closed: float = 0.0):
+  """A dataset described by a spec file: `layout` names each entry of the stored action (`key`).
+
+  Entries named x, y, z, roll, pitch, yaw go to their place in the standard layout, 'ignore' is
+  dropped, absent ones are 0; the gripper is mapped linearly so that gripper_open -> 1 (open) and
+  gripper_closed -> 0, clipped to [0, 1] (so a {-1, 1} or continuous gripper works as well as {0, 1}).
+  """
+  stored = _f32(fields[key])
+  if stored.shape[1] != len(layout):
+    raise ValueError(f'action {key!r} has {stored.shape[1]} entries per step but the spec layout names '
+                     f'{len(layout)} ({", ".join(layout)})')
+  action = _zeros(len(stored), 7)
+  for index, name in enumerate(layout):
+    if name == 'gripper':
+      opening = (stored[:, index] - gripper_closed) / (gripper_open - gripper_closed)
+      action[:, 6] = np.clip(opening, 0.0, 1.0)
+    elif name != 'ignore':
+      action[:, LAYOUT_NAMES.index(name)] = stored[:, index]
+  return action, None
+
+
+def subsample(action: np.ndarray, every: int) -> np.ndarray:
+  """(time, 7) actions at every `every`-th step: each keeps the SUM of the deltas (xyz, rotation)
+  of the steps it stands for, and the gripper command of its last one, so that the subsampled
+  action still takes the robot from one kept frame to the next. -> (ceil(time / every), 7)."""
+  if every == 1:
+    return action
+  starts = np.arange(0, len(action), every)
+  out = np.add.reduceat(action, starts, axis=0) if len(action) else action.copy()
+  out[:, 6] = action[np.minimum(starts + every, len(action)) - 1, 6]
+  return out.astype(np.float32)

@@ -177,7 +177,7 @@ def expert_episodes(settings: Settings, indices):
 
 def write_dataset(out_dir: str, embodiment: str = 'robot', episodes: int = 100, seed: int = 0,
                   image_size: int = 64, max_steps: int = world.MAX_STEPS,
-                  val_fraction: float = 0.1, noise: float = expert.NOISE) -> str:
+                  val_fraction: float = 0.1, noise: float = expert.NOISE, episodes_per_shard: int = 100) -> str:
   """Writes the dataset and returns the versioned directory `out_dir/<name>/<version>`.
 
   It is built in a temporary directory and renamed when complete; an existing dataset at the
@@ -201,6 +201,7 @@ def write_dataset(out_dir: str, embodiment: str = 'robot', episodes: int = 100, 
       os.path.join(out_dir, name, DATASET_VERSION), name=name, version=DATASET_VERSION,
       features=features(settings), description=settings.description(), metadata=settings.metadata(),
       extra_files={SPEC_FILE: settings.spec()}, total=settings.episodes, postfix=expert_success,
+      episodes_per_shard=episodes_per_shard,
       splits={'train': expert_episodes(settings, range(num_train)),
               'val': expert_episodes(settings, range(num_train, settings.episodes))})
 

@@ -3,8 +3,8 @@
 Text, VQGAN vision codes, latent actions (LAQ codes) and discretised actions each have their own id
 space, embedding table (`transformer/{wte,vte,dte,ate}`) and bias-free head (`lm_head`,
 `vision_head`, `delta_head`, `action_head`), as in LWM/LAPA, so released checkpoints load as they
-are. Per-position modality ids (see `lapa_jax.models.tokenizers`) route inputs to tables and
-targets to heads.
+are. Per-position modality ids (the contract with `lapa_jax.data.sequences`, which builds the
+sequences on the host) route inputs to tables and targets to heads.
 
 Unlike the official code, heads run only where there are targets: the hidden states at the target
 positions are gathered first, so a latent-pretraining step evaluates `(batch, 4, 8)` latent logits
@@ -24,10 +24,9 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
+from lapa_jax.data.sequences import ACTION, LATENT, MODALITY_NAMES, TEXT, VISION
 from lapa_jax.models import llama
-from lapa_jax.models.tokenizers import ACTION, LATENT, MODALITY_NAMES, TEXT, VISION
 
 Array = jax.Array
 HEAD_NAMES = {TEXT: 'lm_head', VISION: 'vision_head', LATENT: 'delta_head', ACTION: 'action_head'}
@@ -180,17 +179,19 @@ def vla_loss(model: VLA, params: Any, batch: Mapping[str, Array],
   return loss, metrics
 
 
-def make_train_step(model: VLA, optimizer: optax.GradientTransformation,
-                    loss_config: LossConfig = LossConfig()) -> Callable:
-  """`step(params, opt_state, batch) -> (params, opt_state, metrics)`: pure, for `jax.jit`."""
+def make_loss_fn(model: VLA, loss_config: LossConfig = LossConfig()) -> Callable:
+  """`vla_loss` in the stage contract's form, for `lapa_jax.train.step.make_train_step`.
 
-  def step(params, opt_state, batch):
-    grads, metrics = jax.grad(lambda p: vla_loss(model, p, batch, loss_config), has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    metrics['gradient_norm'] = optax.tree.norm(grads)
-    return optax.apply_updates(params, updates), opt_state, metrics
+  `loss_fn(params, model_state, batch, rng, step) -> (loss, (metrics, model_state))`: the VLA has
+  no non-trained state and no dropout, so `model_state` passes through and `rng`, `step` go unused.
+  """
 
-  return step
+  def loss_fn(params, model_state, batch, rng, step):
+    del rng, step
+    loss, metrics = vla_loss(model, params, batch, loss_config)
+    return loss, (metrics, model_state)
+
+  return loss_fn
 
 
 # ---------------------------------------------------------------------------------------- decoding

@@ -57,6 +57,8 @@ PRESETS = {
     'lwm': dict(),  # LWM / LAPA: 256x256 -> 16x16 codes of 8192 x 64.
     'small': dict(resolution=64, hidden_channels=64, channel_mult=(1, 2, 2, 4), z_channels=32,
                   codebook_size=1024, embed_dim=32),  # the built-in 64x64 world: 8x8 codes.
+    'demo': dict(resolution=64, hidden_channels=16, channel_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=16,
+                 codebook_size=1024, embed_dim=8, norm_groups=8),  # the built-in world in minutes on a CPU.
     'tiny': dict(resolution=16, hidden_channels=16, channel_mult=(1, 2), num_res_blocks=1, z_channels=8,
                  codebook_size=32, embed_dim=8, norm_groups=8),  # tests: 8x8 codes.
 }
@@ -66,6 +68,28 @@ def vqgan_config(preset: str = 'lwm', **overrides) -> VQGANConfig:
   if preset not in PRESETS:
     raise ValueError(f'VQGAN preset {preset!r}: expected one of {sorted(PRESETS)}')
   return VQGANConfig(**{**PRESETS[preset], **overrides})
+
+
+def from_config(model_config) -> VQGANConfig:
+  """A config's `model` group (ConfigDict or dict with every VQGANConfig field, e.g. read back from a
+  workdir's config.json, where tuples became lists) -> VQGANConfig."""
+  given = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
+  fields = {field.name: field for field in dataclasses.fields(VQGANConfig)}
+  unknown = sorted(set(given) - set(fields))
+  missing = sorted(set(fields) - set(given))
+  if unknown or missing:
+    raise ValueError(f'config field model: expected the VQGAN fields {", ".join(fields)}; '
+                     + '; '.join(f'{kind}: {", ".join(names)}' for kind, names in
+                                 (('unknown', unknown), ('missing', missing)) if names))
+  values = {name: float(value) if name == 'commitment_cost' else
+            tuple(int(m) for m in value) if name == 'channel_mult' else int(value)
+            for name, value in given.items()}
+  return VQGANConfig(**values)
+
+
+def config_fields(config: VQGANConfig) -> dict:
+  """The inverse of `from_config`: every field of `config`, e.g. for a stage config's `model` group."""
+  return dataclasses.asdict(config)
 
 
 class ResnetBlock(nn.Module):
@@ -209,9 +233,11 @@ class VQGAN(nn.Module):
     codes = self.quantize.nearest(self._latents(images))
     return codes.reshape(*images.shape[:-3], *codes.shape[1:])
 
-  def decode_latents(self, latents: Array) -> Array:
+  def decode_latents(self, latents: Array, clip_output: bool = True) -> Array:
     images = self.decoder(self.post_quant_conv(latents))
-    return (jnp.clip(images, -1.0, 1.0) + 1.0) / 2.0
+    if clip_output:
+      images = jnp.clip(images, -1.0, 1.0)
+    return (images + 1.0) / 2.0
 
   def decode(self, codes: Array) -> Array:
     """Codes `(..., side, side)` -> images `(..., resolution, resolution, channels)` in [0, 1]."""
@@ -219,17 +245,22 @@ class VQGAN(nn.Module):
     images = self.decode_latents(self.quantize.lookup(flat))
     return images.reshape(*codes.shape[:-2], *images.shape[1:])
 
-  def __call__(self, images: Array) -> tuple[Array, Array, dict[str, Array]]:
+  def __call__(self, images: Array, clip_output: bool = True) -> tuple[Array, Array, dict[str, Array]]:
     """Training pass: (reconstruction in [0, 1], codes, {'codebook_loss', 'commitment_loss'}).
 
-    The quantized latents pass the decoder's gradient straight through to the encoder.
+    The quantized latents pass the decoder's gradient straight through to the encoder. Training
+    should pass `clip_output=False`: a clipped pixel gets no gradient, so one that overshoots [0, 1]
+    where the target is inside would stay wrong. The encoder's latents `(images, side, side,
+    embed_dim)` are sown as `intermediates/latents` (apply with `mutable=['intermediates']`), e.g.
+    to revive dead codes from.
     """
     latents = self._latents(images)
+    self.sow('intermediates', 'latents', latents)
     codes = self.quantize.nearest(latents)
     quantized = self.quantize.lookup(codes)
     losses = dict(codebook_loss=jnp.mean((jax.lax.stop_gradient(latents) - quantized) ** 2),
                   commitment_loss=self.config.commitment_cost
                   * jnp.mean((latents - jax.lax.stop_gradient(quantized)) ** 2))
     straight_through = latents + jax.lax.stop_gradient(quantized - latents)
-    reconstruction = self.decode_latents(straight_through).reshape(images.shape)
+    reconstruction = self.decode_latents(straight_through, clip_output).reshape(images.shape)
     return reconstruction, codes.reshape(*images.shape[:-3], *codes.shape[1:]), losses

@@ -1,6 +1,7 @@
 """Stage 1: train the latent action quantizer on frame pairs (x_t, x_{t+H}) of any RLDS dataset.
 
     lapa train configs/laq.py:small --workdir W --config.data.path=<dir>/<name>/<version>
+    lapa train configs/laq.py:paper --workdir W --config.data.data_dir=D --config.data.mixture=lapa_openx
 
 Objective: MSE of the reconstruction of x_{t+H} from x_t and the quantized latent action (NSVQ
 noise substitution in training). Dead-code revival runs inside the jitted step on the global batch
@@ -19,62 +20,31 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from lapa_jax import metrics as metrics_lib
 from lapa_jax import sharding
-from lapa_jax.data import pairs, rlds
+from lapa_jax.data import pipelines
 from lapa_jax.models import laq as laq_model
 from lapa_jax.models import nsvq
+from lapa_jax.train import data as data_lib
 from lapa_jax.train import loop
+from lapa_jax.train import revival as revival_lib
+from lapa_jax.train.revival import REVIVAL_SOURCES
 
 CODEBOOK_PATH = ('quantizer', 'codebook')
-DEFAULT_FPS = 5.0  # Bridge's rate, for datasets whose metadata records none
-# The official schedule (reference §1.5): every 10 steps below 100, every 100 below 1000, every 500
-# below 5000; 26 events, the last at step 4500.
-OFFICIAL_REVIVAL_PHASES = ((10, 100), (100, 1000), (500, 5000))
-OFFICIAL_LAST_REVIVAL = 4500
-REVIVAL_SCHEDULES = ('official', 'periodic', 'official+periodic', 'none')
-REVIVAL_SOURCES = ('latents', 'codes')
 
 
 # ----- Data ------------------------------------------------------------------------------------
 
-def resolve_data(data: ml_collections.ConfigDict) -> dict:
-  """Checks config.data against the dataset (one-line errors, before any long work) and returns
-  the pair_iterator arguments it implies: path, image_key, frame_offset."""
-  if not data.path:
-    raise ValueError('config field data.path: set it to an RLDS dataset directory <dir>/<name>/<version>, '
-                     'e.g. --config.data.path=../shared/data/bridge_debug/bridge_dataset/1.0.0')
-  builder = rlds.open_builder(data.path)
-  rlds.check_split(builder, data.split)
-  if data.eval_split:
-    rlds.check_split(builder, data.eval_split)
-  image_key = data.image_key
-  if not image_key:
-    keys = rlds.image_keys(builder)
-    if not keys:
-      raise rlds.DataError(f'{data.path}: the steps have no image feature to train on')
-    image_key = keys[0]
-  rlds.check_image_key(builder, image_key)
-  if data.frame_offset:
-    frame_offset = int(data.frame_offset)
-  else:
-    fps = float(data.fps) or rlds.dataset_fps(builder) or DEFAULT_FPS
-    frame_offset = pairs.resolve_frame_offset(frame_offset_seconds=data.frame_offset_seconds, fps=fps)
-  return dict(path=data.path, image_key=image_key, frame_offset=frame_offset)
-
-
-def make_pairs(config: ml_collections.ConfigDict, resolved: dict, *, split: str, batch_size: int, seed: int,
-               process_index: int, process_count: int, repeat: bool) -> pairs.PairIterator:
-  if batch_size % process_count:
-    raise ValueError(f'batch size {batch_size} is not divisible by the {process_count} processes')
-  return pairs.pair_iterator(
-      resolved['path'], split=split, image_key=resolved['image_key'], frame_offset=resolved['frame_offset'],
-      image_size=config.model.image_size, batch_size=batch_size // process_count, seed=seed,
-      process_index=process_index, process_count=process_count, shuffle_buffer=config.data.shuffle_buffer,
-      episode_end=config.data.episode_end, repeat=repeat, image_dtype='uint8')
+def make_pairs(config: ml_collections.ConfigDict, *, split: str, batch_size: int, process_index: int,
+               process_count: int, statistics: dict | None) -> pipelines.MixtureIterator:
+  """This process's uint8 frame pairs of `split`: the datasets, cameras and pair offsets of config.data."""
+  data = data_lib.for_split(config.data, split)
+  return pipelines.pair_iterator(data, image_size=config.model.image_size,
+                                 batch_size=data_lib.local_batch_size(batch_size, process_count),
+                                 seed=config.seed, process_index=process_index, process_count=process_count,
+                                 statistics_by_name=statistics)
 
 
 # ----- Objective -------------------------------------------------------------------------------
@@ -110,10 +80,8 @@ def latent_pool_size(config: ml_collections.ConfigDict) -> int:
 
 
 def initial_model_state(codebook_size: int, quant_dim: int, pool_size: int) -> dict:
-  """code_usage: assignments per code since the last revival; codes_revived_total: a running count;
-  latent_pool: (pool_size, quant_dim) latent actions of the latest batch, to revive codes from."""
-  return {'code_usage': jnp.zeros((codebook_size,), jnp.float32), 'codes_revived_total': jnp.zeros((), jnp.int32),
-          'latent_pool': jnp.zeros((pool_size, quant_dim), jnp.float32)}
+  """The revival state (`revival.initial_state`): code usage, revived count, (pool_size, quant_dim) latents."""
+  return revival_lib.initial_state(codebook_size, quant_dim, pool_size)
 
 
 def make_loss_fn(model: laq_model.LatentActionQuantizer):
@@ -133,102 +101,24 @@ def make_loss_fn(model: laq_model.LatentActionQuantizer):
 
 
 # ----- Dead-code revival -----------------------------------------------------------------------
+# The generic machinery is lapa_jax/train/revival.py; the LAQ's codebook lives at CODEBOOK_PATH.
+# These names stay importable from here (tests, benchmarks/laq_step.py).
 
-def revival_due(step: jax.Array, revival: ml_collections.ConfigDict) -> jax.Array:
-  """Whether a revival happens after `step` completed updates (a traced bool)."""
-  if revival.schedule not in REVIVAL_SCHEDULES:
-    raise ValueError(f'config field revival.schedule: expected one of {REVIVAL_SCHEDULES}, got {revival.schedule!r}')
-  if 'periodic' in revival.schedule and revival.every < 1:
-    raise ValueError(f'config field revival.every: schedule {revival.schedule!r} needs every >= 1, got {revival.every}')
-  due = jnp.zeros((), bool)
-  if revival.schedule in ('official', 'official+periodic'):
-    for every, below in OFFICIAL_REVIVAL_PHASES:
-      due |= (step % every == 0) & (step < below)
-  if revival.schedule == 'periodic':
-    due |= step % revival.every == 0
-  if revival.schedule == 'official+periodic':
-    due |= (step > OFFICIAL_LAST_REVIVAL) & ((step - OFFICIAL_LAST_REVIVAL) % revival.every == 0)
-  return due & (step > 0)
-
-
-def dead_codes(code_usage: jax.Array, threshold: float) -> jax.Array:
-  """(codebook_size,) bool: codes with fewer than `threshold` x the uniform share of assignments."""
-  uniform_share = jnp.sum(code_usage) / code_usage.shape[0]
-  return code_usage < threshold * uniform_share
-
-
-def latent_replacements(latent_pool: jax.Array, codebook_size: int, rng: jax.Array) -> jax.Array:
-  """For every code, a different latent action of the latest batch: (codebook_size, quant_dim).
-
-  A code placed on a real latent is the nearest code of at least that latent, so it is used again.
-  """
-  rows = jax.random.permutation(rng, latent_pool.shape[0])[:codebook_size]
-  return latent_pool[rows]
-
-
-def copy_replacements(codebook: jax.Array, code_usage: jax.Array, rng: jax.Array, noise: float) -> jax.Array:
-  """For every code, a copy of a live code drawn in proportion to its use (busy codes are split),
-  plus Gaussian noise of `noise` x that code's RMS: (codebook_size, quant_dim). The official way
-  (with 1e-12 noise, which float32 rounds away)."""
-  source_rng, noise_rng = jax.random.split(rng)
-  logits = jnp.where(code_usage > 0, jnp.log(jnp.maximum(code_usage, 1e-30)), -jnp.inf)
-  sources = jax.random.categorical(source_rng, logits, shape=(codebook.shape[0],))
-  copies = codebook[sources]
-  scale = noise * jnp.sqrt(jnp.mean(jnp.square(copies), axis=-1, keepdims=True))
-  return copies + scale * jax.random.normal(noise_rng, copies.shape, copies.dtype)
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def _set(tree, path, value):
-  if not path:
-    return value
-  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+revival_due = revival_lib.revival_due
+dead_codes = revival_lib.dead_codes
+latent_replacements = revival_lib.latent_replacements
+copy_replacements = revival_lib.copy_replacements
 
 
 def reset_moment_rows(opt_state, rows: jax.Array):
-  """Zeroes the Adam first and second moments of the codebook rows where `rows` (codebook_size,) is True."""
-  def reset(moments):
-    row_moments = _get(moments, CODEBOOK_PATH)
-    return _set(moments, CODEBOOK_PATH, jnp.where(rows[:, None], 0.0, row_moments))
-  mu = optax.tree_utils.tree_get(opt_state, 'mu')
-  nu = optax.tree_utils.tree_get(opt_state, 'nu')
-  return optax.tree_utils.tree_set(opt_state, mu=reset(mu), nu=reset(nu))
+  """Zeroes the Adam moments of the LAQ codebook rows where `rows` (codebook_size,) is True."""
+  return revival_lib.reset_moment_rows(opt_state, rows, CODEBOOK_PATH)
 
 
 def revive_dead_codes(state: loop.TrainState, revival: ml_collections.ConfigDict) -> tuple[loop.TrainState, dict]:
-  """Stage.after_update: on scheduled steps, replace codes whose share of the assignments since the
-  last revival is below `revival.threshold` x uniform, reset their Adam moments, restart the count.
-  Replacements are latent actions of the latest batch (`revival.source='latents'`) or noisy copies
-  of used codes ('codes', the official way).
-
-  Everything is computed from replicated values (the global usage counts and latents, the codebook,
-  the state rng), so all devices and hosts make the same replacement.
-  """
-  if revival.source not in REVIVAL_SOURCES:
-    raise ValueError(f'config field revival.source: expected one of {REVIVAL_SOURCES}, got {revival.source!r}')
-  usage = state.model_state['code_usage']
-  codebook = _get(state.params, CODEBOOK_PATH)
-  due = revival_due(state.step, revival)
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED)
-  revive = due & dead_codes(usage, revival.threshold) & (jnp.sum(usage) > 0)
-  if revival.source == 'latents':
-    replacements = latent_replacements(state.model_state['latent_pool'], codebook.shape[0], rng)
-  else:
-    replacements = copy_replacements(codebook, usage, rng, revival.noise)
-  new_codebook = jnp.where(revive[:, None], replacements, codebook)
-  opt_state = reset_moment_rows(state.opt_state, revive) if revival.reset_moments else state.opt_state
-  revived = jnp.sum(revive).astype(jnp.int32)
-  model_state = dict(state.model_state, code_usage=jnp.where(due, jnp.zeros_like(usage), usage),
-                     codes_revived_total=state.model_state['codes_revived_total'] + revived)
-  state = state.replace(params=_set(state.params, CODEBOOK_PATH, new_codebook), opt_state=opt_state,
-                        model_state=model_state)
-  return state, {'codes_revived': revived.astype(jnp.float32),
-                 'codes_revived_total': model_state['codes_revived_total'].astype(jnp.float32)}
+  """Stage.after_update: `revival.revive_dead_codes` on the LAQ codebook (replacements are latent
+  actions of the latest batch, or noisy copies of used codes: the official way)."""
+  return revival_lib.revive_dead_codes(state, revival, CODEBOOK_PATH)
 
 
 # ----- Evaluation ------------------------------------------------------------------------------
@@ -268,11 +158,10 @@ def atlas_codes(indices: np.ndarray, codebook_size: int) -> np.ndarray:
 class Evaluator:
   """Stage.evaluate: the same held-out pairs every time; scalars, the grid and the atlas."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: laq_model.LatentActionQuantizer, resolved: dict):
+  def __init__(self, config: ml_collections.ConfigDict, model: laq_model.LatentActionQuantizer):
     self.config = config
     self.model = model
-    self.resolved = resolved
-    self._pairs = None
+    self._pairs = self._start = None
     self._forward = jax.jit(self._evaluate_batch)
     self._decode = jax.jit(functools.partial(model.apply, method=model.decode_codes))
 
@@ -288,11 +177,11 @@ class Evaluator:
 
   def _batches(self):
     if self._pairs is None:
-      self._pairs = make_pairs(self.config, self.resolved, split=self.config.data.eval_split,
-                               batch_size=self.config.eval.batch_size, seed=self.config.seed,
+      self._pairs = make_pairs(self.config, split=self.config.data.eval_split, batch_size=self.config.eval.batch_size,
                                process_index=jax.process_index(), process_count=jax.process_count(),
-                               repeat=True)
-    self._pairs.set_state({'epoch': 0, 'batches_in_epoch': 0})
+                               statistics=None)
+      self._start = self._pairs.get_state()
+    self._pairs.set_state(self._start)
     return [next(self._pairs)['video'] for _ in range(self.config.eval.num_batches)]
 
   def __call__(self, state: loop.TrainState, step: int, writer: metrics_lib.MetricWriter) -> dict:
@@ -354,7 +243,6 @@ class Evaluator:
 
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   model = laq_model.from_config(config.model, config.dtype)
-  resolved = resolve_data(config.data)
   revival_due(jnp.zeros((), jnp.int32), config.revival)  # validates the schedule before any work
   if config.revival.source not in REVIVAL_SOURCES:
     raise ValueError(f'config field revival.source: expected one of {REVIVAL_SOURCES}, got {config.revival.source!r}')
@@ -362,6 +250,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     raise ValueError(f'config field revival.pool: keep at least codebook_size={config.model.codebook_size} latents')
   if config.eval.batch_size < 1 or config.eval.num_batches < 1:
     raise ValueError('config fields eval.batch_size and eval.num_batches: expected positive integers')
+  statistics = data_lib.shared_statistics(config.data)
 
   def init(rng):
     image = config.model.image_size
@@ -372,11 +261,11 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                                                latent_pool_size(config))}
 
   def train_data(process_index, process_count):
-    return make_pairs(config, resolved, split=config.data.split, batch_size=config.batch_size,
-                      seed=config.seed, process_index=process_index, process_count=process_count, repeat=True)
+    return make_pairs(config, split=config.data.split, batch_size=config.batch_size, process_index=process_index,
+                      process_count=process_count, statistics=statistics)
 
   return loop.Stage(
       init=init, loss_fn=make_loss_fn(model), train_data=train_data,
       after_update=None if config.revival.schedule == 'none' else
       functools.partial(revive_dead_codes, revival=config.revival),
-      evaluate=Evaluator(config, model, resolved) if config.data.eval_split else None)
+      evaluate=Evaluator(config, model) if config.data.eval_split else None)

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
 import time
 from typing import Any, Callable
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 from jax.experimental import multihost_utils
 
@@ -36,19 +35,12 @@ from lapa_jax import config as config_lib
 from lapa_jax import metrics
 from lapa_jax import sharding
 from lapa_jax.train import optim
+# TrainState stays importable as loop.TrainState: the stages and tests name it so.
+from lapa_jax.train.step import TrainState, init_train_state, make_train_step
 
 # Fields every stage config has (see CONTRACTS.md); checked before any work starts.
 REQUIRED_FIELDS = ('stage', 'seed', 'mesh_dim', 'batch_size', 'total_steps', 'log_every', 'eval_every',
                    'checkpoint_every', 'keep_checkpoints', 'dtype', 'optim', 'model', 'data')
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array         # () int32: completed updates
-  params: Any
-  opt_state: Any          # optax state of optim.make_optimizer(config.optim, config.total_steps)
-  model_state: Any        # non-trained state, e.g. codebook usage ({} if none)
-  rng: jax.Array          # (2,) uint32 base key; step `s` uses fold_in(rng, s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +56,19 @@ class Stage:
   after_update(state) -> (state, extra_metrics); runs inside the jitted step after the update.
   evaluate(state, step, writer) -> scalars; runs on every process under sharding.use_mesh(mesh)
     (`jax.sharding.get_mesh()` gives the mesh) every `eval_every` steps and at the end.
+  warm_start(state) -> state; fresh runs only, after the sharded init, under the mesh: values that
+    come from elsewhere, e.g. a pretrained trunk (train/warm_start.py) or a frozen tokenizer's
+    params in model_state. Returns arrays with the shardings it was given.
+  files: {name: JSON value} written into the workdir at the start (e.g. the action bins, which
+    consumers of the checkpoint need); a resumed run whose file differs stops with an error.
   """
   init: Callable[[jax.Array], dict]
   loss_fn: Callable[..., tuple]
   train_data: Callable[[int, int], Any]
   after_update: Callable[[TrainState], tuple[TrainState, dict]] | None = None
   evaluate: Callable[[TrainState, int, metrics.MetricWriter], dict] | None = None
+  warm_start: Callable[[TrainState], TrainState] | None = None
+  files: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -117,7 +116,7 @@ class _Preemption:
       return False
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
   if jax.process_index() == 0:
     tqdm.tqdm.write(message, file=sys.stderr)
 
@@ -138,13 +137,13 @@ def _data_positions(data) -> dict:
 
 def _restore_data_position(data, positions: dict) -> None:
   if len(positions) != jax.process_count():
-    _say(f'warning: the checkpoint holds data positions of {len(positions)} process(es), this run has '
+    say(f'warning: the checkpoint holds data positions of {len(positions)} process(es), this run has '
          f'{jax.process_count()}; the data starts from the beginning (the model state is restored)')
     return
   data.set_state(positions[str(jax.process_index())])
 
 
-def _device_fields(local_batch: dict) -> dict:
+def device_fields(local_batch: dict) -> dict:
   """The numeric fields of a host batch; strings and objects never go to the devices."""
   return {name: value for name, value in local_batch.items() if np.asarray(value).dtype.kind in 'biuf'}
 
@@ -152,7 +151,7 @@ def _device_fields(local_batch: dict) -> dict:
 def _next_batch(data, config: ml_collections.ConfigDict, step: int) -> dict:
   """The next host batch's numeric fields, checked against the configured batch size."""
   try:
-    local_batch = _device_fields(next(data))
+    local_batch = device_fields(next(data))
   except StopIteration:
     raise ValueError(f'{config.stage} data: the iterator ran out after {step} steps, before '
                      f'total_steps {config.total_steps}') from None
@@ -161,6 +160,22 @@ def _next_batch(data, config: ml_collections.ConfigDict, step: int) -> dict:
     raise ValueError(f'{config.stage} data: host batch has leading sizes {sorted(leading)}, expected '
                      f'batch_size {config.batch_size} / {jax.process_count()} process(es)')
   return local_batch
+
+
+def write_stage_files(files: dict[str, Any], workdir: str) -> None:
+  """Writes Stage.files into `workdir`; a file left by an earlier run must hold the same value."""
+  for name, value in files.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path) as f:
+        if json.load(f) != json.loads(json.dumps(value)):
+          raise ValueError(f'{path} differs from what this run computed (the data or its settings changed); '
+                           'resume with the same data, or start a new workdir')
+      continue
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(value, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devices=None) -> TrainState:
@@ -173,6 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
   # Random draws then depend only on the key and the shape, not on how the mesh splits them.
   jax.config.update('jax_threefry_partitionable', True)
   if jax.process_index() == 0:
+    write_stage_files(stage.files, workdir)
     config_lib.save(config, workdir)
 
   # ----- Mesh, optimizer, data ---------------------------------------------------------------
@@ -188,13 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
   data = stage.train_data(jax.process_index(), jax.process_count())
 
   # ----- State: created sharded, or restored onto this mesh ------------------------------------
-  def init_state() -> TrainState:
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = stage.init(init_rng)
-    # Optax maps over the boxed params, so the moments inherit their logical axes.
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                      opt_state=optimizer.init(variables['params']), model_state=variables['model_state'],
-                      rng=train_rng)
+  init_state = functools.partial(init_train_state, stage.init, optimizer, config.seed)
 
   start_step = checkpoints.latest_step() or 0
   with sharding.use_mesh(mesh):
@@ -203,29 +213,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
       state_shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
       state, data_state = checkpoints.restore(target)
       _restore_data_position(data, data_state)
-      _say(f'resumed from step {start_step} in {checkpoints.directory}')
+      say(f'resumed from step {start_step} in {checkpoints.directory}')
     else:
       state, state_shardings = sharding.create_sharded(init_state, mesh)
+      if stage.warm_start is not None:
+        state = stage.warm_start(state)
   param_count = sum(leaf.size for leaf in jax.tree.leaves(state.params))
-  _say(f'{config.stage}: {param_count:,} params; mesh {dict(mesh.shape)}; {jax.process_count()} process(es)')
+  say(f'{config.stage}: {param_count:,} params; mesh {dict(mesh.shape)}; {jax.process_count()} process(es)')
 
   # ----- Update step ---------------------------------------------------------------------------
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_of(params):
-      return stage.loss_fn(params, state.model_state, batch, rng, state.step)
-
-    (loss, (step_metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    step_metrics = {'loss': loss, 'learning_rate': schedule(state.step), 'grad_norm': optax.tree.norm(grads),
-                    'param_norm': optax.tree.norm(params), **step_metrics}
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
-    if stage.after_update is not None:
-      state, extra_metrics = stage.after_update(state)
-      step_metrics.update(extra_metrics)
-    return state, step_metrics
+  train_step = make_train_step(stage.loss_fn, optimizer, schedule, stage.after_update)
 
   def compile_step(batch: dict):
     batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
@@ -255,7 +252,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
       return
     results = stage.evaluate(state, step, writer)
     writer.write_scalars(step, {f'eval/{name}': value for name, value in results.items()})
-    _say(f'step {step}: eval ' + ', '.join(f'{name}={float(value):.5g}' for name, value in results.items()))
+    say(f'step {step}: eval ' + ', '.join(f'{name}={float(value):.5g}' for name, value in results.items()))
 
   # ----- Train loop ----------------------------------------------------------------------------
   pending = []  # (step, device metrics) of the last log step: read once the next step is queued.
@@ -288,7 +285,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
       if step > start_step:
         checkpoints.save(step, state, _data_positions(data), force=True)
         if preempted:
-          _say(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
+          say(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
         else:
           evaluate(step, state)
   finally:

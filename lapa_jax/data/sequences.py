@@ -1,6 +1,11 @@
-"""Text tokenizers and LAPA's token layout, the one place that knows the prompt and the markers.
+"""LAPA's VLA token sequences, built on the host: text tokenizers, the prompt, the markers, padding.
 
-No JAX here: the data pipeline builds sequences with these functions on the host.
+    tokenizer = load_tokenizer('bytes')  # or the path of LWM's SentencePiece tokenizer.model
+    example = vla_sequence(tokenizer, 'open the drawer', vision_codes, codebook_size=8192, latent=[2, 0, 7, 2])
+    batch = pad_batch([example, ...], length=384)  # (batch, 384) arrays, plus attention_mask
+
+Numpy only (no JAX, no TensorFlow): the data pipelines call these functions on the host, and the
+modality ids below are the contract between them and the model (`lapa_jax.models.vla` imports them).
 
 A sequence is a list of `(id, modality)` pairs, one id space per modality (text: the LLaMA
 SentencePiece ids or bytes; vision: VQGAN codes plus the end-of-frame / end-of-vision ids; latent:
@@ -12,7 +17,7 @@ LAQ codes; action: bin indices). The layout is LAPA's (reference/official_lapa.m
 
 The markers are ordinary text (a few text tokens each), as in the official data; loss is on
 everything from `<delta>` / `<action>` on. Inputs are the sequence without its last token,
-targets the sequence without its first.
+targets the sequence without its first: every field of an example is 1-D of length `len(sequence) - 1`.
 """
 
 from __future__ import annotations
@@ -78,8 +83,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
   return ByteTokenizer() if spec == 'bytes' else SentencePieceTokenizer(spec)
 
 
-def lapa_prompt(instruction: str) -> str:
-  return PROMPT.format(instruction=instruction.strip())
+def lapa_prompt(instruction: str, prompt: str = PROMPT) -> str:
+  """The prompt text around an instruction; `prompt` has one '{instruction}' field."""
+  return prompt.format(instruction=instruction.strip())
 
 
 def vision_end_ids(codebook_size: int) -> tuple[int, int]:
@@ -87,7 +93,7 @@ def vision_end_ids(codebook_size: int) -> tuple[int, int]:
   return codebook_size, codebook_size + 1
 
 
-def _prefix(tokenizer: Tokenizer, instruction: str, vision_codes: np.ndarray, codebook_size: int):
+def _prefix(tokenizer: Tokenizer, instruction: str, vision_codes: np.ndarray, codebook_size: int, prompt: str):
   """(ids, modality, loss) of BOS, the prompt and the bracketed image; none of it has loss."""
   codes = np.asarray(vision_codes).reshape(-1)
   if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
@@ -95,19 +101,22 @@ def _prefix(tokenizer: Tokenizer, instruction: str, vision_codes: np.ndarray, co
   open_vision, close_vision = (tokenizer.encode(m) for m in MARKERS[VISION])
   # The official instruction text starts with a literal "<s>" that tokenizes to BOS, after the BOS
   # every sequence gets: two BOS ids, which released checkpoints were trained with.
-  text = [tokenizer.bos_id, tokenizer.bos_id] + tokenizer.encode(lapa_prompt(instruction)) + open_vision
+  text = [tokenizer.bos_id, tokenizer.bos_id] + tokenizer.encode(lapa_prompt(instruction, prompt)) + open_vision
   ids = text + [int(c) for c in codes] + [vision_end_ids(codebook_size)[1]] + close_vision
   modality = [TEXT] * len(text) + [VISION] * (codes.size + 1) + [TEXT] * len(close_vision)
   return ids, modality, [0] * len(ids)
 
 
 def vla_sequence(tokenizer: Tokenizer, instruction: str, vision_codes: np.ndarray, *, codebook_size: int,
-                 latent: Sequence[int] | None = None, action: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+                 latent: Sequence[int] | None = None, action: Sequence[int] | None = None,
+                 prompt: str = PROMPT) -> dict[str, np.ndarray]:
   """One training example: 1-D arrays `tokens, modality, targets, target_modality, loss_mask`.
 
   `latent` (LAQ codes) and/or `action` (bin indices) follow the image, each between its markers.
+  `vision_codes` may be placeholders (e.g. zeros) that the train step overwrites with the codes of
+  an augmented view: they are the first `len(vision_codes)` VISION positions of `tokens`.
   """
-  ids, modality, loss = _prefix(tokenizer, instruction, vision_codes, codebook_size)
+  ids, modality, loss = _prefix(tokenizer, instruction, vision_codes, codebook_size, prompt)
   for kind, values in ((LATENT, latent), (ACTION, action)):
     if values is None:
       continue
@@ -125,11 +134,11 @@ def vla_sequence(tokenizer: Tokenizer, instruction: str, vision_codes: np.ndarra
 
 
 def generation_prompt(tokenizer: Tokenizer, instruction: str, vision_codes: np.ndarray, *, codebook_size: int,
-                      target: int = LATENT) -> dict[str, np.ndarray]:
+                      target: int = LATENT, prompt: str = PROMPT) -> dict[str, np.ndarray]:
   """1-D `tokens, modality` up to and including the opening marker of `target` (LATENT or ACTION)."""
   if target not in (LATENT, ACTION):
     raise ValueError(f'generation target must be LATENT ({LATENT}) or ACTION ({ACTION}), got {target}')
-  ids, modality, _ = _prefix(tokenizer, instruction, vision_codes, codebook_size)
+  ids, modality, _ = _prefix(tokenizer, instruction, vision_codes, codebook_size, prompt)
   open_marker = tokenizer.encode(MARKERS[target][0])
   return dict(tokens=np.asarray(ids + open_marker, np.int32),
               modality=np.asarray(modality + [TEXT] * len(open_marker), np.int32))
@@ -154,3 +163,40 @@ def pad_batch(examples: Sequence[dict[str, np.ndarray]], length: int, *, left: b
         batch[name] = np.full((len(examples), length), fill, np.asarray(values).dtype)
       batch[name][index, start:start + size] = values
   return batch
+
+
+class TokenBatches:
+  """A BatchIterator of padded VLA sequences made from the host batches of a step iterator.
+
+  `make_example(batch, row) -> vla_sequence(...)` builds row `row` of a step batch; the fields named
+  in `keep` (e.g. 'image', for a tokenizer that runs on the accelerator) pass through unchanged.
+  The data position is the step iterator's, so checkpoints resume it exactly.
+  """
+
+  def __init__(self, steps, make_example, length: int, *, keep: Sequence[str] = (), pad_id: int = 0):
+    self.steps = steps
+    self.make_example = make_example
+    self.length = length
+    self.keep = tuple(keep)
+    self.pad_id = pad_id
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self.steps)
+    examples = [self.make_example(batch, row) for row in range(len(batch['instruction']))]
+    longest = max(len(example['tokens']) for example in examples)
+    if longest > self.length:
+      raise ValueError(f'config field seq_len: a sequence of this data has {longest} tokens, more than '
+                       f'seq_len {self.length}; raise it (or shorten the prompt)')
+    return {**pad_batch(examples, self.length, pad_id=self.pad_id), **{key: batch[key] for key in self.keep}}
+
+  def get_state(self):
+    return self.steps.get_state()
+
+  def set_state(self, state) -> None:
+    self.steps.set_state(state)
+
+  def close(self) -> None:
+    getattr(self.steps, 'close', lambda: None)()
