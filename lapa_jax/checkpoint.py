@@ -15,6 +15,8 @@ process 0, so the caller passes every process's position (see `train.loop`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -47,6 +49,19 @@ def restore_target(init_fn, mesh: jax.sharding.Mesh, *args) -> Any:
   return sharding.abstract_with_shardings(shapes, shardings)
 
 
+@contextlib.contextmanager
+def quiet_orbax():
+  """Silences orbax's absl warnings about expected situations (read-only directories, a checkpoint
+  item read without its CheckpointManager's metadata file)."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
 class Checkpointer:
   """`<directory>/<step>/{state,data}`: saves every `save_every` steps, keeps the latest `keep`.
 
@@ -66,7 +81,10 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
           max_to_keep=keep, enable_async_checkpointing=True, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
+    # orbax warns "Given directory is read only" whenever it is asked to be read-only: noise on every
+    # labelling job or finetuning run that reads another run's checkpoints.
+    with quiet_orbax() if read_only else contextlib.nullcontext():
+      self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE, DATA))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

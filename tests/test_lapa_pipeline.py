@@ -148,9 +148,14 @@ def test_a_labelling_job_killed_midway_resumes_to_the_same_dataset(pipeline, wor
 
 def test_bridge_labelled_by_a_briefly_trained_laq_opens_in_inspect_data(pipeline, bridge_dir, tmp_path, capsys):
   laq, tokenizer = pipeline['laq'][0], pipeline['tokenizer'][0]  # 40 steps on the world
-  with pytest.raises(pipelines.DataError, match=r'holds 64x64 images but the LAQ .* reads 32x32; pass --config.resize=true'):
-    run_label(tmp_path / 'labelled', laq, tokenizer, f'data.path={bridge_dir}')
-  labelled = run_label(tmp_path / 'labelled', laq, tokenizer, f'data.path={bridge_dir}', 'resize=true', 'batch_size=32')
+  command = ['--laq', str(laq), '--tokenizer', str(tokenizer), '--out', str(tmp_path / 'labelled'),
+             f'--config.data.path={bridge_dir}', '--config.batch_size=32']
+  assert label.main(command) == 2  # `lapa label`: one line naming the fix
+  error = capsys.readouterr().err
+  assert 'holds 64x64 images but the LAQ' in error and 'reads 32x32; pass --config.resize=true' in error
+  assert len(error.strip().splitlines()) == 1
+  assert label.main(command + ['--config.resize=true']) == 0
+  labelled = str(tmp_path / 'labelled' / 'bridge_dataset' / '1.0.0')
   assert inspect.main(['--path', labelled, '--out', str(tmp_path / 'inspect'), '--episodes', '3']) == 0
   report = capsys.readouterr().out
   assert 'bridge_dataset' in report and "episodes {'train': 25, 'val': 25}" in report

@@ -228,8 +228,10 @@ def test_statistics_are_computed_once_by_process_0_of_two(data_dir, tmp_path):
   import subprocess
   import sys
 
-  shutil.copytree(os.path.join(data_dir, 'viola'), tmp_path / 'viola')
-  shutil.copytree(os.path.join(data_dir, 'kuka'), tmp_path / 'kuka')
+  # Without statistics that earlier tests cached beside the data, so that process 0 has to compute them.
+  uncached = shutil.ignore_patterns('dataset_statistics_*')
+  shutil.copytree(os.path.join(data_dir, 'viola'), tmp_path / 'viola', ignore=uncached)
+  shutil.copytree(os.path.join(data_dir, 'kuka'), tmp_path / 'kuka', ignore=uncached)
   with socket.socket() as probe:
     probe.bind(('127.0.0.1', 0))
     port = probe.getsockname()[1]

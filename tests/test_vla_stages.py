@@ -144,6 +144,9 @@ def test_latent_pretrain_presets(arg):
     assert (config.optim.lr, config.optim.b2, config.optim.clip_norm, config.optim.schedule) == (2e-5, 0.95, 1.0, 'constant')
     assert (model_config.llama.hidden_size, model_config.llama.num_layers, model_config.vision_vocab_size) == (4096, 32, 8448)
     assert config.loss.target_weight == 0.99 and config.loss.text_weight == 0.01
+    abstract = jax.eval_shape(lambda rng: vla.init_params(vla.VLA(model_config), rng), jax.random.key(0))
+    count = sum(leaf.size for leaf in jax.tree.leaves(nn.unbox(abstract)))
+    assert 6.7e9 < count < 7.0e9  # LWM-7B: LLaMA-2-7B + 8448 vision rows in and out + 8 latent codes
   if 'actionvla' in arg:
     assert config.target == 'action' and model_config.action_vocab_size == 256 and model_config.latent_vocab_size == 0
   else:

@@ -95,6 +95,9 @@ def model_config(config: ml_collections.ConfigDict) -> vla.VLAConfig:
 
 def text_tokenizer(config: ml_collections.ConfigDict) -> sequences.Tokenizer:
   """The text tokenizer of `config.text_tokenizer`, checked against the model's text vocabulary."""
+  if not config.text_tokenizer:
+    raise ValueError("config field text_tokenizer: set it to the SentencePiece tokenizer.model shipped with "
+                     "LWM/LAPA checkpoints (or 'bytes' for the built-in world)")
   try:
     tokenizer = sequences.load_tokenizer(config.text_tokenizer)
   except FileNotFoundError as error:

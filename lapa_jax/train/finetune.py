@@ -100,11 +100,13 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     l1 = jnp.mean(jnp.abs(decoded - batch['action']), axis=0)
     return {**metrics, **{f'action_l1_dim{dim}': l1[dim] for dim in range(7)}, 'action_l1': jnp.mean(l1)}
 
+  tokenizer_shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), vqgan_params)
+
   def init(rng):
     # Zeros in the tokenizer's shapes: the real params are filled in by warm_start (fresh runs) or
     # the checkpoint (resumed runs), never traced into the init as constants.
     return {'params': vla.init_params(model, rng),
-            'model_state': {TOKENIZER_STATE: jax.tree.map(jnp.zeros_like, vqgan_params)}}
+            'model_state': {TOKENIZER_STATE: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tokenizer_shapes)}}
 
   load_params = backbone.params_warm_start(config)
 

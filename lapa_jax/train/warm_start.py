@@ -56,7 +56,8 @@ def checkpoint_params(workdir: str, step: int | None = None) -> tuple[int, dict[
     raise FileNotFoundError(f'init_from {workdir}: no checkpoint in {checkpoint.directory_in(workdir)}')
   # orbax reads metadata from absolute paths only
   state_path = os.path.abspath(os.path.join(checkpoint.directory_in(workdir), str(step), checkpoint.STATE))
-  tree = ocp.StandardCheckpointer().metadata(state_path).item_metadata.tree
+  with checkpoint.quiet_orbax():
+    tree = ocp.StandardCheckpointer().metadata(state_path).item_metadata.tree
   if 'params' not in tree:
     raise ValueError(f'init_from {workdir}: its checkpoint has no params')
   return step, traverse_util.flatten_dict(tree['params'])
