@@ -36,7 +36,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import tensorflow as tf  # noqa: E402
 
-from lapa_jax.data import mixtures, oxe, pipelines, rlds  # noqa: E402
+from lapa_jax.data import mixtures, pipelines, rlds  # noqa: E402
 
 TARGET_RATIO = 0.8
 

@@ -101,7 +101,7 @@ def main() -> None:
   config.data.path = path
   config.splits = 'train'
   dataset = pipelines.open_datasets(config.data)[0][0]
-  frame_offset = oxe.default_frame_offset(dataset.spec)
+  frame_offset = pipelines.frame_offset(config.data, dataset.spec)
 
   batches = job_batches(labeller, dataset, frame_offset)
   on_device = [(jax.device_put(video, labeller._video_sharding), jax.device_put(images, labeller._image_sharding))

@@ -57,7 +57,7 @@ def read_pairs(config, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
   (dx, dy) summed over each pair's window. Read from the standardised episodes, since the training
   pipeline's pairs carry no actions."""
   dataset = pipelines.open_datasets(config.data)[0][0]
-  frame_offset = oxe.default_frame_offset(dataset.spec)
+  frame_offset = pipelines.frame_offset(config.data, dataset.spec)
   reader = oxe.EpisodeReader(dataset)
   size = (config.model.image_size, config.model.image_size)
   videos, moves = [], []

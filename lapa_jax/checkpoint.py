@@ -49,6 +49,12 @@ def restore_target(init_fn, mesh: jax.sharding.Mesh, *args) -> Any:
   return sharding.abstract_with_shardings(shapes, shardings)
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step of the run in `workdir` (None without one)."""
+  with Checkpointer(directory_in(workdir), read_only=True) as checkpoints:
+    return checkpoints.latest_step()
+
+
 @contextlib.contextmanager
 def quiet_orbax():
   """Silences orbax's absl warnings about expected situations (read-only directories, a checkpoint
@@ -118,13 +124,16 @@ class Checkpointer:
 
   def restore_params(self, params_target: Any, step: int | None = None) -> Any:
     """Only `state.params` of `step` (default: the latest), e.g. a trained model for a later stage."""
+    return self.restore_subtree({'params': params_target}, step)['params']
+
+  def restore_subtree(self, target: dict, step: int | None = None) -> dict:
+    """The parts of the saved state that `target` names (e.g. {'params': ..., 'model_state': ...})."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    target = {'params': params_target}
     restored = self._manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)}))
-    return restored[STATE]['params']
+    return restored[STATE]
 
   def wait_until_finished(self) -> None:
     """Blocks until every async save is on disk (call before reading it or exiting)."""

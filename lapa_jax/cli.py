@@ -21,6 +21,8 @@ COMMANDS = {
     'train': ('lapa_jax.train.loop', 'train a stage: lapa train configs/<stage>.py:<preset> --workdir DIR'),
     'laq-infer': ('lapa_jax.laq_infer', 'latent action codes and reconstructions of frame pairs (.npz)'),
     'label': ('lapa_jax.label', 'latent actions + vision tokens of every step of a dataset/mixture -> new RLDS'),
+    'evaluate': ('lapa_jax.evaluate', 'held-out metrics, closed-loop success, imagined rollouts of checkpoints'),
+    'serve': ('lapa_jax.serve', 'serve a finetuned policy over openpi\'s websocket protocol: lapa serve WORKDIR --port 8000'),
     'convert': ('lapa_jax.convert.cli', 'import released weights: lapa convert <source> ... (official-laq, easylm, ...)'),
 }
 

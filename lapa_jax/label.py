@@ -84,8 +84,8 @@ class Labeller:
       raise ValueError(f'{laq_workdir}: the LAQ reads {self.laq_config.model.channels} channels; labelling reads RGB')
     self.vqgan_config, self.vqgan, self.vqgan_params = vision_tokenizer.load_vqgan(
         tokenizer_workdir, tokenizer_step, mesh=self.mesh)
-    self.laq_step = _latest_step(laq_workdir) if laq_step is None else laq_step
-    self.tokenizer_step = _latest_step(tokenizer_workdir) if tokenizer_step is None else tokenizer_step
+    self.laq_step = checkpoint.latest_step(laq_workdir) if laq_step is None else laq_step
+    self.tokenizer_step = checkpoint.latest_step(tokenizer_workdir) if tokenizer_step is None else tokenizer_step
     self._video_sharding = sharding.batch_sharding(self.mesh, 5)
     self._image_sharding = sharding.batch_sharding(self.mesh, 4)
     self._label = jax.jit(self._label_batch)
@@ -116,11 +116,6 @@ class Labeller:
     with sharding.use_mesh(self.mesh):
       return self._label(self.laq_params, self.vqgan_params, jax.device_put(video, self._video_sharding),
                          jax.device_put(images, self._image_sharding))
-
-
-def _latest_step(workdir: str) -> int | None:
-  with checkpoint.Checkpointer(checkpoint.directory_in(workdir), read_only=True) as checkpoints:
-    return checkpoints.latest_step()
 
 
 # ----- Packing the steps of episodes into batches -------------------------------------------------
@@ -335,9 +330,7 @@ def label_dataset(dataset: oxe.Dataset, labeller: Labeller, out_dir: str, config
   work_dir = final_dir + INCOMPLETE
   os.makedirs(work_dir, exist_ok=True)
   spec = dataset.spec
-  offsets = pipelines._parse_offsets(config.data.frame_offsets)
-  frame_offset = offsets.get(spec.name) or offsets.get(None) or oxe.default_frame_offset(
-      spec, config.data.frame_offset_seconds, config.data.human_frame_offset_seconds)
+  frame_offset = pipelines.frame_offset(config.data, spec)
   features = _features(dataset, labeller)
   reader = oxe.EpisodeReader(dataset, on_corrupt=config.data.on_corrupt)
   splits = _splits(dataset, config.splits)

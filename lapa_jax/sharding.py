@@ -82,9 +82,18 @@ def use_mesh(mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
 
 
 def logical_to_shardings(boxed_tree, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
-  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` (from eval_shape)."""
-  specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` (from eval_shape).
+
+  Leaf by leaf, so the result has exactly the tree's structure: the optimizer state of a frozen
+  param is a box around optax's empty `MaskedNode`, which must stay an empty node (not a sharding)
+  for the result to line up with the unboxed tree.
+  """
+  def sharding_of(leaf):
+    if isinstance(leaf, nn.Partitioned) and not jax.tree.leaves(leaf.value):
+      return leaf.value
+    spec = leaf.get_partition_spec() if isinstance(leaf, nn.Partitioned) else PartitionSpec()
+    return nn.logical_to_mesh_sharding(spec, mesh, rules)
+  return jax.tree.map(sharding_of, boxed_tree, is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned))
 
 
 def create_sharded(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, *args, rules=LOGICAL_RULES):

@@ -30,6 +30,8 @@ from lapa_jax.models import vqgan
 
 CONFIG_FILE = 'config.json'
 STAGE = 'tokenizer'
+# Written by the VLA stages into their workdir: which tokenizer made (or makes) their vision tokens.
+USED_FILE = 'vision_tokenizer.json'
 # The adversarial discriminator's params sit next to the VQGAN's in a training checkpoint.
 DISCRIMINATOR = 'discriminator'
 
@@ -44,6 +46,13 @@ def write_config(workdir: str, vqgan_config: vqgan.VQGANConfig, **fields: Any) -
   """Writes a tokenizer config.json (stage, model, and `fields`) for a workdir not made by training."""
   config = ml_collections.ConfigDict({'stage': STAGE, 'model': vqgan.config_fields(vqgan_config), **fields})
   return config_lib.save(config, workdir, CONFIG_FILE)
+
+
+def description(workdir: str, vqgan_config: vqgan.VQGANConfig, step: int | None) -> dict:
+  """USED_FILE's content: the tokenizer's workdir, step and model fields (enough to rebuild the VQGAN)."""
+  return {'workdir': os.path.abspath(workdir), 'step': step, 'resolution': vqgan_config.resolution,
+          'codebook_size': vqgan_config.codebook_size, 'tokens_per_image': vqgan_config.tokens_per_image,
+          'model': vqgan.config_fields(vqgan_config)}
 
 
 def vqgan_params(params: dict) -> dict:
@@ -70,7 +79,7 @@ def load_vqgan(workdir: str, step: int | None = None, *,
   except ValueError as error:
     raise ValueError(f'{os.path.join(workdir, CONFIG_FILE)}: {error}') from None
   model = vqgan.VQGAN(vqgan_config)
-  placement = sharding.replicated(mesh) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  placement = sharding.replicated(mesh) if mesh is not None else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=placement),
                         abstract_params(model))
   checkpoints = checkpoint.Checkpointer(checkpoint.directory_in(workdir), read_only=True)

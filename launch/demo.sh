@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 
 step() { echo; echo "== $*"; }
 
-step "1/7 built-in world: robot episodes (with actions) and human-hand episodes (video only)"
+step "1/8 built-in world: robot episodes (with actions) and human-hand episodes (video only)"
 for emb in robot hand; do
   if [ -d "$OUT/data/lapa_world_$emb" ]; then
     echo "   $OUT/data/lapa_world_$emb exists, skipping"
@@ -20,39 +20,36 @@ for emb in robot hand; do
   fi
 done
 
-step "2/7 inspect the data: frames, frame pairs (x_t | x_t+H) and action histograms as PNGs"
+step "2/8 inspect the data: frames, frame pairs (x_t | x_t+H) and action histograms as PNGs"
 lapa inspect-data --data-dir "$OUT/data" --mixture lapa_world_robot,lapa_world_hand --out "$OUT/inspect"
 
-step "3/7 vision tokenizer: a VQGAN on the frames of both embodiments"
+step "3/8 vision tokenizer: a VQGAN on the frames of both embodiments"
 lapa train configs/tokenizer.py:demo --workdir "$OUT/tokenizer" \
   --config.data.data_dir="$OUT/data" --config.data.mixture=lapa_world_robot,lapa_world_hand
 echo "   reconstructions: $OUT/tokenizer/images/"
 
-step "4/7 stage 1: the latent action quantizer on the robot videos"
+step "4/8 stage 1: the latent action quantizer on the robot videos"
 lapa train configs/laq.py:demo --workdir "$OUT/laq" --config.data.path="$ROBOT" --config.total_steps="$LAQ_STEPS"
 echo "   reconstructions and the latent action atlas (what each code does): $OUT/laq/images/"
 
-step "5/7 label every frame with its latent action and vision tokens"
+step "5/8 label every frame with its latent action and vision tokens"
 lapa label --laq "$OUT/laq" --tokenizer "$OUT/tokenizer" --out "$OUT/labelled" --config.data.path="$ROBOT"
 
-step "6/7 stage 2: latent pretraining on the labelled robot videos (their actions unused)"
+step "6/8 stage 2: latent pretraining on the labelled robot videos (their actions unused)"
 lapa train configs/latent_pretrain.py:demo --workdir "$OUT/pretrain" \
   --config.data.path="$OUT/labelled/lapa_world_robot/1.0.0"
 
-step "7/7 stage 3: action finetuning, from latent pretraining (LAPA) and from scratch (SCRATCH)"
+step "7/8 stage 3: action finetuning, from latent pretraining (LAPA) and from scratch (SCRATCH)"
 lapa train configs/finetune.py:demo --workdir "$OUT/lapa" --config.data.path="$ROBOT" \
   --config.vision_tokenizer="$OUT/tokenizer" --config.init_from="$OUT/pretrain"
 lapa train configs/finetune.py:demo,scratch --workdir "$OUT/scratch" --config.data.path="$ROBOT" \
   --config.vision_tokenizer="$OUT/tokenizer"
-for run in lapa scratch; do
-  python - "$OUT/$run/metrics.jsonl" "$run" <<'PY'
-import json, sys
-lines = [json.loads(line) for line in open(sys.argv[1])]
-evaluation = [line for line in lines if 'eval/action_accuracy' in line][-1]
-print(f"   {sys.argv[2]:>7}: held-out action-token accuracy {evaluation['eval/action_accuracy']:.3f}, "
-      f"mean |action error| {evaluation['eval/action_l1']:.4f}")
-PY
-done
+
+step "8/8 evaluate both: held-out metrics, closed-loop success in the world (same seeds), GIFs, imagined rollouts"
+lapa evaluate "$OUT/lapa" "$OUT/scratch" "$OUT/pretrain" --out "$OUT/eval" --episodes "${DEMO_EVAL_EPISODES:-20}"
+cat "$OUT/eval/results.md"
+echo "   plot: $OUT/eval/success.png; rollouts: $OUT/eval/gifs/; the pretrained model's imagination: $OUT/eval/imagined/"
 echo "   curves: tensorboard --logdir $OUT"
 
 echo; echo "done: see $OUT/"
+echo "serve the finetuned policy to robots running openpi-client:  lapa serve $OUT/lapa --port 8000"

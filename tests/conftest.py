@@ -28,3 +28,17 @@ def official_laq_dir() -> pathlib.Path:
   if not OFFICIAL_LAQ_DIR.is_dir():
     pytest.skip(f'official LAQ fixtures not found at {OFFICIAL_LAQ_DIR}')
   return OFFICIAL_LAQ_DIR
+
+
+@pytest.fixture(scope='session')
+def world(tmp_path_factory) -> str:
+  """24 built-in world robot episodes at 32x32 (tests/tiny_runs.py)."""
+  import tiny_runs
+  return tiny_runs.write_world(tmp_path_factory.mktemp('world'))
+
+
+@pytest.fixture(scope='session')
+def pipeline(world, tmp_path_factory) -> dict:
+  """Every stage of LAPA once at tiny sizes, shared by the test files that need trained runs."""
+  import tiny_runs
+  return tiny_runs.run_pipeline(world, tmp_path_factory.mktemp('pipeline'))

@@ -3,79 +3,27 @@ labels -> latent pretraining -> action finetuning, each stage's loss falling; a 
 crashes and restarts; labelling real Bridge episodes; and a user's own dataset described by the spec
 that `lapa inspect-data` proposed."""
 
-import importlib
 import json
 import os
 import pathlib
+import shutil
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from lapa_jax import config as config_lib
 from lapa_jax import label
 from lapa_jax.data import actions, inspect, pipelines, rlds
-from lapa_jax.envs import TabletopEnv, writer
-from lapa_jax.train import loop
+from lapa_jax.envs import TabletopEnv
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / 'configs'
-IMAGE_SIZE = 32
-
-
-def train(stage_spec: str, workdir, *overrides) -> list[dict]:
-  """Runs `lapa train` in-process on one device; returns the training lines of metrics.jsonl."""
-  config = config_lib.load(f'{CONFIGS}/{stage_spec}', list(overrides))
-  stage = importlib.import_module(f'lapa_jax.train.{config.stage}').make_stage(config)
-  loop.train(config, str(workdir), stage, devices=jax.devices()[:1])
-  lines = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
-  return [line for line in lines if 'loss' in line]
+from tiny_runs import IMAGE_SIZE, run_label, train
 
 
 def assert_falls(lines: list[dict], key: str = 'loss', factor: float = 0.8) -> None:
   """The mean of the last 5 logged values is below `factor` x the first 2 (logged from step 1)."""
   values = [line[key] for line in lines]
   assert len(values) >= 10 and np.mean(values[-5:]) < factor * np.mean(values[:2]), values
-
-
-def run_label(out, laq, tokenizer, *overrides) -> str:
-  config = label.default_config()
-  for item in overrides:
-    dotted, _, text = item.partition('=')
-    config_lib.override(config, dotted, text)
-  labeller = label.Labeller(str(laq), str(tokenizer), batch_size=config.batch_size)
-  dataset = pipelines.open_datasets(config.data)[0][0]
-  return label.label_dataset(dataset, labeller, str(out), config, progress=False)
-
-
-@pytest.fixture(scope='module')
-def world(tmp_path_factory):
-  return writer.write_dataset(str(tmp_path_factory.mktemp('world')), 'robot', episodes=24, seed=0,
-                              image_size=IMAGE_SIZE, max_steps=20, episodes_per_shard=6)
-
-
-@pytest.fixture(scope='module')
-def pipeline(world, tmp_path_factory):
-  """Every stage once, in order; {stage: (workdir, metric lines)}."""
-  root = tmp_path_factory.mktemp('pipeline')
-  data = f'--config.data.path={world}'
-  results = {}
-  results['tokenizer'] = root / 'tokenizer', train('tokenizer.py:tiny', root / 'tokenizer', data,
-                                                   '--config.total_steps=40', '--config.log_every=1',
-                                                   '--config.data.eval_split=')
-  results['laq'] = root / 'laq', train('laq.py:tiny', root / 'laq', data, '--config.total_steps=40',
-                                       '--config.log_every=1', '--config.data.eval_split=')
-  results['label'] = run_label(root / 'labelled', root / 'laq', root / 'tokenizer', f'data.path={world}',
-                               'resize=true', 'batch_size=64')
-  results['latent_pretrain'] = root / 'pretrain', train(
-      'latent_pretrain.py:tiny', root / 'pretrain', f'--config.data.path={results["label"]}',
-      '--config.total_steps=40', '--config.log_every=1', '--config.eval.split=')
-  results['finetune'] = root / 'finetune', train(
-      'finetune.py:tiny', root / 'finetune', data, f'--config.vision_tokenizer={root / "tokenizer"}',
-      f'--config.init_from={root / "pretrain"}', '--config.total_steps=40', '--config.log_every=1',
-      '--config.eval_every=0')
-  return results
 
 
 def test_every_stage_learns_on_the_world(pipeline):
@@ -90,6 +38,17 @@ def test_every_stage_learns_on_the_world(pipeline):
   assert 0 <= evaluation['eval/action_accuracy'] <= 1 and np.isfinite(evaluation['eval/action_l1'])
   bins = actions.load(str(workdir / actions.BINS_FILE))
   assert bins.dims == 7 and bins.num_bins[2] == 1 and bins.num_bins[6] == 1  # z and the gripper are constant
+
+
+def test_finetuning_resumes_with_frozen_heads(pipeline, world, tmp_path):
+  """Frozen heads have an empty optimizer state inside a logical box; restoring it once failed."""
+  workdir = tmp_path / 'finetune'
+  shutil.copytree(pipeline['finetune'][0], workdir)
+  lines = train('finetune.py:tiny', workdir, f'--config.data.path={world}',
+                f'--config.vision_tokenizer={pipeline["tokenizer"][0]}',
+                f'--config.init_from={pipeline["latent_pretrain"][0]}', '--config.total_steps=42',
+                '--config.log_every=1', '--config.eval_every=0')
+  assert [line['step'] for line in lines][-3:] == [40, 41, 42]
 
 
 def test_labelled_dataset_has_a_latent_action_and_tokens_for_every_step(pipeline, world):

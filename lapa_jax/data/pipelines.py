@@ -163,6 +163,15 @@ def _parse_offsets(text: str) -> dict[str | None, int]:
   return out
 
 
+def frame_offset(config, spec: oxe.DatasetSpec) -> int:
+  """The LAQ window H (in steps) of a dataset of `config`: data.frame_offsets if it names the
+  dataset (or gives one for all), else data.frame_offset_seconds (human_frame_offset_seconds for
+  human videos) at the dataset's frame rate."""
+  offsets = _parse_offsets(config.frame_offsets)
+  return offsets.get(spec.name) or offsets.get(None) or oxe.default_frame_offset(
+      spec, config.frame_offset_seconds, config.human_frame_offset_seconds)
+
+
 # --- per-dataset streams ---------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -771,10 +780,8 @@ def build_sources(config, *, content: Content, process_index: int, process_count
     spec = dataset.spec
     reader = oxe.EpisodeReader(dataset, on_corrupt=config.on_corrupt, step_keys=content.step_keys)
     segments = reader.segments(config.split, process_index, process_count)
-    offset = offsets.get(spec.name) or offsets.get(None) or oxe.default_frame_offset(
-        spec, config.frame_offset_seconds, config.human_frame_offset_seconds)
-    sources.append(Source(index=index, dataset=dataset, reader=reader, segments=segments,
-                          probability=weight, frame_offset=offset if content.mode == 'pairs' else 0))
+    sources.append(Source(index=index, dataset=dataset, reader=reader, segments=segments, probability=weight,
+                          frame_offset=frame_offset(config, spec) if content.mode == 'pairs' else 0))
   if _needs_statistics(config, len(sources)):
     for source in sources:
       if statistics_by_name is not None and source.name in statistics_by_name:

@@ -97,6 +97,15 @@ def effector_goal(state: WorldState) -> np.ndarray | None:
   return None
 
 
+def goal_distance(state: WorldState) -> float:
+  """How far the task's object (its block, or the effector for reach tasks) is from where it should
+  be, in table units: partial progress for evaluations, next to the binary `is_success`."""
+  goal = block_goal(state)
+  if goal is not None:
+    return float(np.linalg.norm(state.blocks[state.task.block] - goal))
+  return float(np.linalg.norm(state.effector - effector_goal(state)))
+
+
 def is_success(state: WorldState) -> bool:
   task = state.task
   block = state.blocks[task.block] if task.block >= 0 else None

@@ -218,29 +218,38 @@ def for_decoding(model: VLA, params: Any) -> tuple[VLA, Any]:
 
 
 def generate(model: VLA, params: Any, tokens: Array, modality: Array, attention_mask: Array, rng: Array, *,
-             target: int, num_tokens: int, temperature: float = 0.0, top_k: int = 0) -> Array:
+             target: int, num_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             allowed: Array | None = None) -> Array:
   """Samples `num_tokens` ids of modality `target` after left-padded prompts `(batch, prompt_length)`.
 
   One prefill pass fills the KV cache; each later token costs one cached single-position step. Only
   the target modality's head is evaluated, so ids come from its vocabulary and never end early.
-  Returns `(batch, num_tokens)` int32. Jit it with the keyword arguments static; `for_decoding`
-  gives the faster layout for it.
+  `allowed (num_tokens, vocab)` bool narrows each position further (e.g. an action dimension with
+  fewer bins than the head has ids). Returns `(batch, num_tokens)` int32. Jit it with the keyword
+  arguments static except `allowed`; `for_decoding` gives the faster layout for it.
   """
   batch_size, prompt_length = tokens.shape
   variables = {'params': params}
+  if allowed is None:
+    allowed = jnp.ones((num_tokens, model.config.vocab_size(target)), bool)
+
+  def sample(hidden, index, step_rng):
+    logits = model.apply(variables, hidden, target, method=VLA.head)
+    return sample_token(jnp.where(allowed[index], logits, -jnp.inf), step_rng, temperature, top_k)
+
   cache = llama.init_cache(model.config.llama, batch_size, prompt_length + num_tokens)
   hidden, cache = model.apply(variables, tokens, modality, attention_mask, cache=cache)
   rngs = jax.random.split(rng, num_tokens)
-  first = sample_token(model.apply(variables, hidden[:, -1], target, method=VLA.head), rngs[0], temperature, top_k)
+  first = sample(hidden[:, -1], 0, rngs[0])
 
-  def step(carry, step_rng):
+  def step(carry, inputs):
     token, cache = carry
+    index, step_rng = inputs
     column = token[:, None]
     hidden, cache = model.apply(variables, column, jnp.full_like(column, target), jnp.ones_like(column),
                                 cache=cache)
-    logits = model.apply(variables, hidden[:, 0], target, method=VLA.head)
-    next_token = sample_token(logits, step_rng, temperature, top_k)
+    next_token = sample(hidden[:, 0], index, step_rng)
     return (next_token, cache), next_token
 
-  _, rest = jax.lax.scan(step, (first, cache), rngs[1:])
+  _, rest = jax.lax.scan(step, (first, cache), (jnp.arange(1, num_tokens), rngs[1:]))
   return jnp.concatenate([first[:, None], rest.T], axis=1)

@@ -14,8 +14,9 @@ Sequences: the prompt, `<vision>` + the VQGAN tokens of the current frame + `<eo
 `<action>` + 7 bin ids + `</action>` + EOS; the loss is the cross-entropy of the 7 action tokens.
 Images are augmented in the step (random resized crop of 0.9 of the area, colour jitter:
 train/augment.py) and tokenized there by the frozen vision tokenizer, whose params live in the
-model state (no gradient, no optimizer state) and are saved with the checkpoint, so the finetuned
-workdir alone is a complete policy. Evaluation uses the matching centre crop.
+model state (no gradient, no optimizer state) and are saved with the checkpoint (its model fields
+in `vision_tokenizer.json`), so the finetuned workdir alone is a complete policy (policy.py).
+Evaluation uses the matching centre crop.
 
 With `init_from`, the trunk and the text and vision tables come from that run (train/warm_start.py);
 the latent table and head are dropped (this model has none) and the action table and head start
@@ -35,7 +36,7 @@ from lapa_jax.data.sequences import ACTION, VISION
 from lapa_jax.models import vla
 from lapa_jax.train import augment, backbone, loop
 from lapa_jax.train import data as data_lib
-from lapa_jax import vision_tokenizer
+from lapa_jax import checkpoint, vision_tokenizer
 
 TOKENIZER_STATE = 'vision_tokenizer'
 
@@ -118,8 +119,10 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                                       TOKENIZER_STATE: jax.device_put(vqgan_params, shardings)})
 
   evaluate = backbone.held_out_evaluator(config, held_out_metrics, token_batches)
-  return loop.Stage(init=init, loss_fn=loss_fn, train_data=train_data, evaluate=evaluate,
-                    warm_start=warm_start, files={actions.BINS_FILE: bins.to_json()})
+  used_tokenizer = vision_tokenizer.description(config.vision_tokenizer, vqgan_config,
+                                                checkpoint.latest_step(config.vision_tokenizer))
+  return loop.Stage(init=init, loss_fn=loss_fn, train_data=train_data, evaluate=evaluate, warm_start=warm_start,
+                    files={actions.BINS_FILE: bins.to_json(), vision_tokenizer.USED_FILE: used_tokenizer})
 
 
 def bins_table(bins: actions.ActionBins) -> np.ndarray:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lapa_jax import label
+from lapa_jax import label, vision_tokenizer
 from lapa_jax.data import actions, pipelines, sequences
 from lapa_jax.data.sequences import ACTION, LATENT, TEXT
 from lapa_jax.models import vla
@@ -29,11 +29,12 @@ from lapa_jax.train import backbone, loop
 from lapa_jax.train import data as data_lib
 
 TARGETS = ('latent', 'action')
+LAQ_FILE = 'laq.json'  # the LAQ that labelled the data (lapa_labels.json's 'laq' entry)
 
 
 def _labels(config: ml_collections.ConfigDict) -> dict:
   """The vision codebook and latent code facts every labelled dataset of config.data shares."""
-  found = {}
+  found, labels = {}, None
   for dataset, _ in pipelines.open_datasets(config.data):
     labels = label.read_labels(dataset.path)
     found[dataset.path] = (labels['vision_tokenizer']['codebook_size'], labels['vision_tokenizer']['tokens_per_image'],
@@ -42,8 +43,12 @@ def _labels(config: ml_collections.ConfigDict) -> dict:
     raise pipelines.DataError('the datasets were labelled by different tokenizers or LAQs: '
                               + '; '.join(f'{path}: {facts}' for path, facts in found.items()))
   vision_codebook, tokens, latent_codebook, code_seq_len = next(iter(found.values()))
+  # What labelled the data, for the consumers of this run (policy.py: the tokenizer that makes its
+  # vision tokens from camera images, the LAQ that decodes its latent actions into frames).
+  used = {vision_tokenizer.USED_FILE: labels['vision_tokenizer'],
+          LAQ_FILE: {**labels['laq'], 'frame_offset': labels['frame_offset']}}
   return dict(vision_codebook=vision_codebook, tokens_per_image=tokens, latent_codebook=latent_codebook,
-              code_seq_len=code_seq_len)
+              code_seq_len=code_seq_len, files=used)
 
 
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
@@ -55,7 +60,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   facts = _labels(config)
   backbone.check_vision_vocab(config, facts['vision_codebook'], 'the vision tokenizer that labelled the data')
   target = LATENT if config.target == 'latent' else ACTION
-  files, bins = {}, None
+  files, bins = dict(facts['files']), None
   if target == LATENT:
     if config.model.latent_vocab_size < facts['latent_codebook']:
       raise ValueError(f'config field model.latent_vocab_size: {config.model.latent_vocab_size} is smaller than '
