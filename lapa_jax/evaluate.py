@@ -32,6 +32,7 @@ import glob
 import json
 import math
 import os
+import pathlib
 import sys
 import time
 from typing import Any, Sequence
@@ -53,10 +54,28 @@ OFFLINE = 'offline'
 class Checkpoint:
   workdir: str
   step: int
+  label: str = ''  # how tables name the run: its directory's name, with parents where that is ambiguous
 
   @property
   def name(self) -> str:
-    return f'{os.path.basename(os.path.normpath(self.workdir))}@{self.step}'
+    return f'{self.label or os.path.basename(os.path.normpath(self.workdir))}@{self.step}'
+
+  @property
+  def file_name(self) -> str:
+    return self.name.replace(os.sep, '_')
+
+
+def _labels(workdirs: Sequence[str]) -> dict[str, str]:
+  """The shortest trailing part of each path that tells it from the others (seed0/lapa, seed1/lapa)."""
+  parts = {workdir: pathlib.PurePath(workdir).parts for workdir in workdirs}
+  labels = {}
+  for workdir, own in parts.items():
+    for depth in range(1, len(own) + 1):
+      suffix = own[-depth:]
+      if all(other[-depth:] != suffix for path, other in parts.items() if path != workdir):
+        break
+    labels[workdir] = os.path.join(*suffix)
+  return labels
 
 
 def find_checkpoints(patterns: Sequence[str]) -> list[Checkpoint]:
@@ -76,7 +95,8 @@ def find_checkpoints(patterns: Sequence[str]) -> list[Checkpoint]:
       if step and int(step) not in steps:
         raise FileNotFoundError(f'{workdir}: no checkpoint at step {step} (has {steps})')
       found.append(Checkpoint(os.path.abspath(workdir), int(step) if step else steps[-1]))
-  return found
+  labels = _labels(sorted({ckpt.workdir for ckpt in found}))
+  return [dataclasses.replace(ckpt, label=labels[ckpt.workdir]) for ckpt in found]
 
 
 def _steps(workdir: str) -> list[int]:
@@ -383,9 +403,9 @@ class Settings:
 
 
 def evaluate_checkpoint(ckpt: Checkpoint, out: str, settings: Settings, done: set, **policy_options) -> list[dict]:
-  """Evaluates what `done` ({(checkpoint name, task kind)}) lacks; returns the new result records."""
-  kinds = [k for k in settings.kinds if (ckpt.name, k) not in done]
-  wants_offline = (ckpt.name, OFFLINE) not in done
+  """Evaluates what `done` ({(workdir, step, task kind)}) lacks; returns the new result records."""
+  kinds = [k for k in settings.kinds if (ckpt.workdir, ckpt.step, k) not in done]
+  wants_offline = (ckpt.workdir, ckpt.step, OFFLINE) not in done
   if not kinds and not wants_offline:
     return []
   lead = jax.process_index() == 0
@@ -399,7 +419,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, out: str, settings: Settings, done: se
     summaries, recorded = closed_loop(policy, kinds, settings.episodes, settings.seed, gifs=settings.gifs,
                                       image_size=settings.image_size, max_steps=settings.max_steps)
     for episode in recorded:
-      rollout_gif(os.path.join(out, 'gifs', f'{ckpt.name}_{episode.kind}_{episode.seed}.gif'), episode)
+      rollout_gif(os.path.join(out, 'gifs', f'{ckpt.file_name}_{episode.kind}_{episode.seed}.gif'), episode)
     records += [{**base, 'task_kind': kind, 'seeds': [settings.seed, settings.seed + settings.episodes - 1],
                  **summary} for kind, summary in summaries.items()]
   elif policy.kind == 'latent' and settings.imagined:
@@ -410,7 +430,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, out: str, settings: Settings, done: se
         instruction, real, imagined = imagined_rollout(policy, settings.seed + index, kind,
                                                        image_size=settings.image_size)
         if lead:
-          imagined_gif(os.path.join(out, 'imagined', f'{ckpt.name}_{kind}_{settings.seed + index}.gif'),
+          imagined_gif(os.path.join(out, 'imagined', f'{ckpt.file_name}_{kind}_{settings.seed + index}.gif'),
                        instruction, real, imagined)
     elif lead:
       print(f'lapa evaluate: {ckpt.name}: its LAQ ({(policy.laq or {}).get("workdir")}) is not here; '
@@ -422,13 +442,13 @@ def run(checkpoints: Sequence[Checkpoint], out: str, settings: Settings, **polic
   """Evaluates `checkpoints` into `out` (skipping finished work); returns every record in `out`."""
   os.makedirs(out, exist_ok=True)
   records = read_results(out)
-  done = {(r['checkpoint'], r['task_kind']) for r in records}
+  done = {(r['workdir'], r['step'], r['task_kind']) for r in records}
   for ckpt in checkpoints:
     new = evaluate_checkpoint(ckpt, out, settings, done, **policy_options)
     if jax.process_index() == 0:
       for record in new:
         append_result(out, record)
-        done.add((record['checkpoint'], record['task_kind']))
+        done.add((record['workdir'], record['step'], record['task_kind']))
       records += new
       write_table(out, records)
       plot_success(out, records)

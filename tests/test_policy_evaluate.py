@@ -145,3 +145,8 @@ def test_two_processes_evaluate_like_one(pipeline, tmp_path):
   strip = lambda records: sorted(json.dumps({k: v for k, v in r.items() if k != 'workdir'}, sort_keys=True)
                                  for r in records)
   assert strip(evaluate.read_results(str(two))) == strip(evaluate.read_results(str(one)))
+
+
+def test_runs_with_the_same_directory_name_stay_apart():
+  labels = evaluate._labels(['/r/seed0/lapa', '/r/seed1/lapa', '/r/seed0/scratch'])
+  assert labels == {'/r/seed0/lapa': 'seed0/lapa', '/r/seed1/lapa': 'seed1/lapa', '/r/seed0/scratch': 'scratch'}
