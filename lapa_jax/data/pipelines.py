@@ -68,8 +68,8 @@ def default_config() -> ml_collections.ConfigDict:
       skip_missing=False,               # datasets of the mixture missing on disk: error, or a warning
       balance='transitions',            # proportions: weight x transitions | x episodes | 'none'
       frame_offset_seconds=0.6,         # pairs of robot data ...
-      human_frame_offset_seconds=2.4,   # ... and of human video (embodiment 'human')
-      frame_offsets='',                 # per-dataset overrides in steps, 'name:steps,...' (or 'steps' for all)
+      human_frame_offset_seconds=2.4,   # ... and of human video, where the spec has no window of its own
+      frame_offsets='',                 # overrides in steps of every window, 'name:steps,...' (or 'steps' for all)
       episode_end='drop',               # 'drop': no pair crosses an episode end; 'clamp': official LAQ
       max_samples_per_episode=0,        # 0: every pair/step of an episode; else a random subset
       missing_instruction='',           # 'error' | 'empty'; '' = 'empty' for pairs and frames, 'error' for steps
