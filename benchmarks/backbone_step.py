@@ -1,6 +1,8 @@
 """Training throughput of the LLaMA backbone on this machine, against its measured fp32 matmul peak.
 
     python benchmarks/backbone_step.py [--preset small] [--batch 4] [--length 384] [--steps 5] [--hf]
+    JAX_PLATFORMS=cuda python benchmarks/backbone_step.py --preset 1b --batch 32 --dtype bfloat16 \
+        --peak-tflops 989 --matmul-size 8192        # MFU on an H100/H200 (benchmarks/gpu_check.sh)
 
 The configuration of the issue's reference figure: the `small` preset (hidden 768, MLP 2048, 8
 layers, 12 heads, vocab 32000), batch 4 x sequence 384, float32, AdamW, next-token cross-entropy
@@ -12,7 +14,10 @@ Prints JSON lines: the measured matmul peak, the step (`lm`), the VLA latent-pre
 heads run only at target positions (`vla`, the step lapa_jax actually trains), and with `--hf` the
 HF model on the same machine in the same run (a fair ratio when the machine is shared). TFLOP/s
 use the analytic count of jax_recipes.md §4 (6·N per token + causal attention; remat not counted).
-Step times are the median of `--steps` timed steps after 2 warm-up steps.
+Step times are the median of `--steps` timed steps after 2 warm-up steps. `--dtype` is the compute
+dtype (params stay fp32) and the matmul peak's; with `--peak-tflops` (the chip's datasheet dense peak
+in that dtype, e.g. 989 bf16 on an H100/H200) each step line also has `mfu`. The script runs on the
+CPU unless JAX_PLATFORMS says otherwise.
 """
 
 from __future__ import annotations
@@ -51,9 +56,9 @@ def _median_seconds(run, steps: int, warmup: int = 2) -> float:
   return statistics.median(times)
 
 
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-  """fp32 TFLOP/s of a jitted (size x size) @ (size x size) matmul: the best of `repeats`."""
-  a = jnp.asarray(np.random.RandomState(0).randn(size, size), jnp.float32)
+def matmul_peak(size: int = 2048, dtype: str = 'float32', repeats: int = 5) -> float:
+  """TFLOP/s of a jitted (size x size) @ (size x size) matmul in `dtype`: the best of `repeats`."""
+  a = jnp.asarray(np.random.RandomState(0).randn(size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, a).block_until_ready()
   best = min(_median_seconds(lambda: matmul(a, a).block_until_ready(), 1, warmup=0) for _ in range(repeats))
@@ -88,9 +93,9 @@ def lm_step(config: llama.LLaMAConfig, batch: int, length: int, steps: int) -> d
   return dict(step_seconds=seconds, tokens_per_second=batch * length / seconds, tflops=flops / seconds / 1e12)
 
 
-def vla_step(preset: str, batch: int, length: int, steps: int) -> dict:
+def vla_step(preset: str, batch: int, length: int, steps: int, dtype: str = 'float32') -> dict:
   """The latent-pretraining step: LAPA's token layout, 0.99 latent + 0.01 text CE, heads at targets."""
-  config = vla.vla_config(preset)
+  config = vla.vla_config(preset, llama_overrides=dict(dtype=dtype))
   model = vla.VLA(config)
   rng = np.random.RandomState(0)
   tokenizer = sequences.ByteTokenizer()
@@ -151,14 +156,20 @@ def main() -> None:
   parser.add_argument('--length', type=int, default=384)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--hf', action='store_true', help='also time HF transformers in this run')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'), help='compute dtype')
+  parser.add_argument('--peak-tflops', type=float, help="the chip's dense peak in --dtype, for `mfu`")
+  parser.add_argument('--matmul-size', type=int, default=2048, help='an accelerator needs ~8192 to reach its peak')
   args = parser.parse_args()
-  common = dict(preset=args.preset, batch=args.batch, length=args.length, dtype='float32', cpus=os.cpu_count(),
+  if args.hf and args.dtype != 'float32':
+    parser.error('--hf compares float32 steps only')
+  common = dict(preset=args.preset, batch=args.batch, length=args.length, dtype=args.dtype, cpus=os.cpu_count(),
                 machine=platform.machine(), jax=jax.__version__, device=str(jax.devices()[0]))
-  peak = matmul_peak()
-  print(json.dumps(dict(benchmark='matmul_peak', fp32_tflops=round(peak, 4), **common)), flush=True)
-  config = llama.llama_config(args.preset)
+  peak = matmul_peak(args.matmul_size, args.dtype)
+  print(json.dumps(dict(benchmark='matmul_peak', tflops=round(peak, 4), size=args.matmul_size, **common)),
+        flush=True)
+  config = llama.llama_config(args.preset, dtype=args.dtype)
   results = {'lm': lm_step(config, args.batch, args.length, args.steps),
-             'vla': vla_step(args.preset, args.batch, args.length, args.steps)}
+             'vla': vla_step(args.preset, args.batch, args.length, args.steps, args.dtype)}
   if args.hf:
     results['hf_transformers'] = hf_step(config, args.batch, args.length, args.steps)
   for name, result in results.items():
@@ -166,6 +177,8 @@ def main() -> None:
                                                           for k, v in result.items()},
                 fraction_of_peak=round(result['tflops'] / peak, 3),
                 vs_reference_221=round(result['tokens_per_second'] / REFERENCE_TOKENS_PER_SECOND, 3), **common)
+    if args.peak_tflops:
+      line.update(peak_tflops=args.peak_tflops, mfu=round(result['tflops'] / args.peak_tflops, 4))
     if name != 'hf_transformers' and 'hf_transformers' in results:
       line['vs_hf_same_run'] = round(result['tokens_per_second'] / results['hf_transformers']['tokens_per_second'], 3)
     print(json.dumps(line), flush=True)

@@ -1,14 +1,18 @@
 """Throughput of the Open-X mixture input pipeline vs decoding the same files, and peak RSS.
 
-    python benchmarks/input_pipeline.py [--data-dir D --mixture a:1,b:1] [--batches 40] [--batch-size 64]
+    python benchmarks/input_pipeline.py [--data-dir D --mixture a:1,b:1] [--batches 40] [--batch-size 64] [--size 64]
 
 Without --data-dir it writes two synthetic datasets in the real jaco_play and viola schemas with
 camera-like 256x256 JPEGs (two cameras per step, 40-44 steps per episode) to a temporary directory.
+The pipeline resizes them to --size (default 64, the `small` LAQ's images). A frame already stored
+at the target size skips the resize, and the resize is the pipeline's work beyond decoding that this
+benchmark exists to measure, so --size 256 on the synthetic data would measure a pipeline that never
+resizes (`resized` in the output says which).
 It then measures, in one process:
   1. decode-only: every primary-camera frame of the mixture's train splits read with tf.data and
      decoded as fast as the machine allows (parallel map), reported as frames/s and as pairs/s
      (= frames/s / 2, the decode work of one frame pair);
-  2. the LAQ frame-pair mixture pipeline (lapa_jax.data.pipelines.pair_iterator) at --size with
+  2. the LAQ frame-pair mixture pipeline (lapa_jax.data.pipelines.pair_iterator) at --size, with
      uint8 and float32 output: steady-state pairs/s (after the first shuffle block, while later
      blocks are read in the background), and its ratio to the decode-only pairs/s (target >= 0.8);
      float32 writes four times the bytes of uint8 (one conversion per batch), so a trainer should
@@ -39,6 +43,7 @@ import tensorflow as tf  # noqa: E402
 from lapa_jax.data import mixtures, pipelines, rlds  # noqa: E402
 
 TARGET_RATIO = 0.8
+SYNTHETIC_SIZE = 256  # the synthetic frames' height and width
 
 
 def peak_rss_mb() -> float:
@@ -55,7 +60,9 @@ def write_synthetic(root: str, episodes: int) -> str:
   oxe_schemas.TEXTURE['on'] = True
   oxe_schemas.SHORTEST_EPISODE['steps'] = 40
   for name in ('jaco_play', 'viola'):
-    oxe_schemas.write(root, name, episodes=episodes, scale=256 / 224, episodes_per_shard=max(1, episodes // 4))
+    # Both schemas store 224x224 frames; scaled up to camera-like 256x256.
+    oxe_schemas.write(root, name, episodes=episodes, scale=SYNTHETIC_SIZE / 224,
+                      episodes_per_shard=max(1, episodes // 4))
   return 'jaco_play:1,viola:1'
 
 
@@ -126,7 +133,8 @@ def main(argv=None) -> int:
   parser.add_argument('--episodes', type=int, default=24, help='episodes per synthetic dataset')
   parser.add_argument('--batches', type=int, default=150, help='batches measured per phase')
   parser.add_argument('--batch-size', type=int, default=64)
-  parser.add_argument('--size', type=int, default=256)
+  parser.add_argument('--size', type=int, default=64, help='output frames (default 64: the synthetic 256x256 '
+                      'frames are resized, as the pipeline does for every frame not stored at this size)')
   parser.add_argument('--ram-budget-gb', type=float, default=2.0)
   parser.add_argument('--phase', choices=('decode', 'uint8', 'float32'), help=argparse.SUPPRESS)
   parser.add_argument('--statistics-dir', help=argparse.SUPPRESS)
@@ -136,15 +144,19 @@ def main(argv=None) -> int:
     return 0
 
   with tempfile.TemporaryDirectory() as tmp:
+    source_size = None  # unknown for --data-dir (datasets differ)
     if args.data_dir is None:
+      source_size = SYNTHETIC_SIZE
       start = time.perf_counter()
       args.mixture = write_synthetic(tmp, args.episodes)
       args.data_dir = tmp
-      emit(phase='write_synthetic', datasets=args.mixture, seconds=round(time.perf_counter() - start, 1))
+      emit(phase='write_synthetic', datasets=args.mixture, image_size=SYNTHETIC_SIZE,
+           seconds=round(time.perf_counter() - start, 1))
     statistics_dir = os.path.join(tmp, 'statistics')
     config = pipelines.default_config()
     config.update(data_dir=args.data_dir, mixture=args.mixture, statistics_cache_dir=statistics_dir)
-    pipelines.build_sources(config, mode='pairs', process_index=0, process_count=1, progress=False)  # statistics
+    pipelines.build_sources(config, content=pipelines.PAIRS, process_index=0, process_count=1,
+                            progress=False)  # computes and caches the statistics once, for every phase
     results = {}
     for phase in ('decode', 'uint8', 'float32'):
       command = [sys.executable, os.path.abspath(__file__), '--phase', phase, '--data-dir', args.data_dir,
@@ -160,7 +172,8 @@ def main(argv=None) -> int:
         ratio = results[phase]['pairs_per_s'] / results['decode']['pairs_per_s']
         cpu_ratio = results[phase]['pairs_per_cpu_s'] / results['decode']['pairs_per_cpu_s']
         results[phase].update(ratio_to_decode_only=round(ratio, 3), cpu_ratio_to_decode_only=round(cpu_ratio, 3),
-                              target_ratio=TARGET_RATIO)
+                              target_ratio=TARGET_RATIO, source_size=source_size,
+                              resized=None if source_size is None else source_size != args.size)
       emit(**results[phase])
   return 0
 

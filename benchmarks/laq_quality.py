@@ -90,7 +90,7 @@ def purity(train_codes, train_moves, test_codes, test_moves, min_motion: float) 
 
 
 def main() -> None:
-  host_memory.reexec_with_huge_pages()  # as `lapa` does
+  host_memory.warn_if_missing('laq_quality.py')  # as `lapa` does; the JSON line records `huge_pages`
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', default='/tmp/lapa_laq_quality')
   parser.add_argument('--episodes', type=int, default=300, help='robot episodes to write (10%% held out)')

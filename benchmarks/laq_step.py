@@ -1,8 +1,9 @@
 """Train-step throughput of the LAQ (frame pairs per second), fp32, on whatever JAX runs on.
 
+    export GLIBC_TUNABLES=glibc.malloc.hugetlb=1          # huge pages on a CPU (lapa_jax/host_memory.py)
     python benchmarks/laq_step.py --preset small          # batch 8, the official PyTorch LAQ: 23.4 pairs/s
     python benchmarks/laq_step.py --preset paper          # batch 4, the official PyTorch LAQ: 0.46 pairs/s
-    LAPA_HUGE_PAGES=0 python benchmarks/laq_step.py --preset small   # without huge pages (lapa_jax/host_memory.py)
+    env -u GLIBC_TUNABLES LAPA_HUGE_PAGES=0 python benchmarks/laq_step.py --preset small   # without them
 
 The step is the one `lapa train` runs (`lapa_jax.train.step.make_train_step`): the stage's loss
 (NSVQ noise substitution), gradients, the config's optimizer (Adam, clip 0.5) and dead-code
@@ -61,7 +62,7 @@ def make_step(config):
 
 
 def main() -> None:
-  host_memory.reexec_with_huge_pages()  # as `lapa` does
+  host_memory.warn_if_missing('laq_step.py')  # as `lapa` does; the JSON line records `huge_pages`
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--preset', choices=sorted(OFFICIAL), default='small')
   parser.add_argument('--batch', type=int, default=None, help='default: the batch of the official figure')

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lapa_jax import evaluate  # noqa: E402
+from lapa_jax import evaluate, host_memory  # noqa: E402
 from lapa_jax.envs import TASK_KINDS  # noqa: E402
 
 METHODS = ('scratch', 'actionvla', 'lapa', 'lapa_hand')
@@ -49,7 +49,9 @@ def lapa(*args: str, done: str | None = None) -> None:
     return
   command = [sys.executable, '-m', 'lapa_jax.cli', *args]
   print('$ lapa ' + ' '.join(args), file=sys.stderr, flush=True)
-  if subprocess.run(command, cwd=ROOT).returncode != 0:
+  # The steps inherit this environment (GLIBC_TUNABLES included); main() has warned once if it lacks them.
+  env = dict(os.environ, **{host_memory.OPT_OUT: '0'})
+  if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
     sys.exit(f'paper_table: failed: lapa {" ".join(args)}')
 
 
@@ -184,6 +186,7 @@ def main() -> None:
   parser.add_argument('--laq-override', action='append', default=[], dest='laq_overrides',
                       help='--config.x=y for both LAQs, e.g. --laq-override=--config.model.codebook_size=16')
   args = parser.parse_args()
+  host_memory.warn_if_missing('paper_table.py')  # as `lapa` does
   args.seeds = [int(seed) for seed in args.seeds.split(',')]
   args.steps = {kind: getattr(args, f'{kind}_steps') for kind in ('tokenizer', 'laq', 'pretrain', 'finetune')}
   start = time.perf_counter()
@@ -197,7 +200,8 @@ def main() -> None:
     print(json.dumps({'benchmark': 'paper_table', 'size': args.size, 'method': method, **entry}))
   print(json.dumps({'benchmark': 'paper_table', 'claims': claims(table), 'seeds': args.seeds,
                     'episodes_per_kind': args.episodes, 'seconds': round(time.perf_counter() - start, 1),
-                    'training_seconds': round(training_seconds, 1), 'cpu_count': os.cpu_count()}))
+                    'training_seconds': round(training_seconds, 1), 'cpu_count': os.cpu_count(),
+                    'huge_pages': host_memory.huge_pages_requested()}))
   print((pathlib.Path(args.out) / 'paper_table.md').read_text(), file=sys.stderr)
 
 

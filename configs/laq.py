@@ -34,6 +34,7 @@ def get_config(preset: str = 'small') -> ml_collections.ConfigDict:
   config.eval_every = 5000
   config.checkpoint_every = 5000
   config.keep_checkpoints = 3
+  config.on_nonfinite = 'skip'    # a non-finite loss/gradient: 'skip' the step (counted) or 'stop'
   config.dtype = 'float32'
 
   config.optim = ml_collections.ConfigDict(dict(

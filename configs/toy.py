@@ -24,6 +24,7 @@ def get_config(preset: str = 'default') -> ml_collections.ConfigDict:
   config.eval_every = 500
   config.checkpoint_every = 500
   config.keep_checkpoints = 2
+  config.on_nonfinite = 'skip'    # a non-finite loss/gradient: 'skip' the step (counted) or 'stop'
   config.dtype = 'float32'
 
   config.optim = ml_collections.ConfigDict(dict(

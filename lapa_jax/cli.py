@@ -26,6 +26,9 @@ COMMANDS = {
     'convert': ('lapa_jax.convert.cli', 'import released weights: lapa convert <source> ... (official-laq, easylm, ...)'),
 }
 
+# The commands whose time goes into XLA computations (where huge pages matter on a CPU).
+XLA_COMMANDS = ('train', 'label', 'evaluate', 'laq-infer', 'serve')
+
 
 def usage(prog: str, commands: dict, noun: str = 'command') -> str:
   width = max(len(name) for name in commands)
@@ -35,8 +38,16 @@ def usage(prog: str, commands: dict, noun: str = 'command') -> str:
   return '\n'.join(lines)
 
 
+# Errors a user can fix (a path, a value, a file, the disk): one line at the CLI boundary, with the
+# traceback only under --debug (or LAPA_DEBUG=1).
+USER_ERRORS = (ValueError, KeyError, OSError, FloatingPointError)
+
+
 def dispatch(prog: str, commands: dict, argv: list[str], noun: str = 'command') -> int:
   """Runs `commands[argv[0]]`'s module `main(argv[1:])`; prints usage for help or an unknown name."""
+  if '--debug' in argv:  # anywhere on the line; nested dispatchers (lapa convert ...) see it here
+    os.environ['LAPA_DEBUG'] = '1'
+    argv = [arg for arg in argv if arg != '--debug']
   if not argv or argv[0] in ('-h', '--help', 'help'):
     print(usage(prog, commands, noun))
     return 0
@@ -44,13 +55,33 @@ def dispatch(prog: str, commands: dict, argv: list[str], noun: str = 'command') 
   if name not in commands:
     print(f'{prog}: unknown {noun} {name!r}\n\n{usage(prog, commands, noun)}', file=sys.stderr)
     return 2
-  return int(importlib.import_module(commands[name][0]).main(rest) or 0)
+  module = importlib.import_module(commands[name][0])
+  try:
+    return int(module.main(rest) or 0)
+  except Exception as error:  # noqa: BLE001 (filtered just below)
+    if os.environ.get('LAPA_DEBUG') == '1' or not _user_error(error):
+      raise
+    print(f'{prog} {name}: error: {_one_line(error)} (--debug shows the traceback)', file=sys.stderr)
+    return 1
+
+
+def _user_error(error: Exception) -> bool:
+  # TensorFlow's data errors (a corrupt or missing file) are not imported here: tf is slow to import.
+  return isinstance(error, USER_ERRORS) or type(error).__module__.startswith('tensorflow')
+
+
+def _one_line(error: Exception) -> str:
+  message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+  lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-  if argv is None:  # run as the program (not called from Python): it may re-execute itself
-    host_memory.reexec_with_huge_pages()
+  if argv is None:  # run as the program: its environment is the user's to fix, so say what helps
     argv = sys.argv[1:]
+    command = next((arg for arg in argv if not arg.startswith('-')), '')  # past options such as --debug
+    if command in XLA_COMMANDS and not {'-h', '--help'} & set(argv):
+      host_memory.warn_if_missing()
   if os.environ.get('LAPA_DISTRIBUTED') == '1':
     # Set by launch/tpu_pod.sh and launch/slurm_gpu.sh: the cluster is auto-detected (TPU, SLURM).
     import jax

@@ -129,6 +129,18 @@ def load_workdir(workdir: str, stage: str, made_by: str, name: str = 'config.jso
   return config
 
 
+def differences(saved: dict, current: dict, prefix: str = '') -> list[str]:
+  """'model.dim: 128 -> 96' for every leaf field whose value differs between two config dicts."""
+  lines = []
+  for key in sorted(set(saved) | set(current)):
+    old, new = saved.get(key, '<absent>'), current.get(key, '<absent>')
+    if isinstance(old, dict) and isinstance(new, dict):
+      lines += differences(old, new, f'{prefix}{key}.')
+    elif json.dumps(old, default=str) != json.dumps(new, default=str):
+      lines.append(f'{prefix}{key}: {old!r} -> {new!r}')
+  return lines
+
+
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Separates `--config.*` overrides from the other command-line arguments."""
   overrides = [a for a in argv if a.startswith(_PREFIX)]

@@ -74,7 +74,11 @@ def to_model_layout(video: np.ndarray, image_size: int, channels: int, source: s
     return video.astype(np.float32) / 255.0
   if not np.issubdtype(video.dtype, np.floating):
     raise ValueError(f'{source}: expected float frames in [0, 1] or uint8, got {video.dtype}')
-  return video.astype(np.float32)
+  low, high = float(np.min(video)), float(np.max(video))
+  if not (np.isfinite(low) and np.isfinite(high)) or low < -1e-3 or high > 1 + 1e-3:
+    hint = ' (0..255 stored as floats? pass uint8 or divide by 255)' if high > 1.5 else ''
+    raise ValueError(f'{source}: float frames must lie in [0, 1]; found values in [{low:.4g}, {high:.4g}]{hint}')
+  return np.clip(video.astype(np.float32), 0.0, 1.0)
 
 
 def infer(model, params, video: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int = 64):

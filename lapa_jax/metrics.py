@@ -29,7 +29,9 @@ TENSORBOARD_DIR = 'tensorboard'
 class MetricWriter:
   """Scalars to `metrics.jsonl` and TensorBoard; images to `images/<name>_<step>.png` and TensorBoard."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True, drop_after_step: int | None = None):
+    """`drop_after_step`: a resumed run's step; lines of later steps (logged by a run that died after
+    its last checkpoint, and about to be logged again) and any half-written line are removed."""
     self.workdir = workdir
     self.active = jax.process_index() == 0
     self._jsonl = None
@@ -37,8 +39,11 @@ class MetricWriter:
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, METRICS_FILE)
+    if drop_after_step is not None and os.path.exists(path):
+      _drop_lines_after(path, drop_after_step)
     # Appends, so a resumed run continues the same file.
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', buffering=1)
+    self._jsonl = open(path, 'a', buffering=1)
     if tensorboard:
       # Imported here: it pulls in TensorFlow, which only the writing process needs.
       from flax.metrics import tensorboard as flax_tensorboard
@@ -48,7 +53,9 @@ class MetricWriter:
     if not self.active:
       return
     values = {name: float(np.asarray(value)) for name, value in scalars.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
+    # NaN and inf are not JSON: such a value (the loss of a skipped step) is written as null.
+    finite = {name: value if math.isfinite(value) else None for name, value in values.items()}
+    self._jsonl.write(json.dumps({'step': int(step), **finite}) + '\n')
     if self._summary is not None:
       for name, value in values.items():
         self._summary.scalar(name, value, int(step))
@@ -77,6 +84,20 @@ class MetricWriter:
     if self._summary is not None:
       self._summary.close()
       self._summary = None
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)['step'] <= step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+      except (ValueError, KeyError, TypeError):
+        pass  # a line cut short by the crash
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(kept)
+  os.replace(path + '.tmp', path)
 
 
 def progress_bar(total: int, initial: int = 0, desc: str = 'train') -> tqdm.tqdm:

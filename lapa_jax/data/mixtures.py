@@ -10,7 +10,9 @@ balance_weights=True), or weight x episodes, or the weights alone (`balance`).
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -116,11 +118,25 @@ def resolve(data_dir: str, mixture: str | Sequence, *, skip_missing: bool = Fals
     opened.append((oxe.open_dataset(data_dir, name, use_wrist=use_wrist), weight))
   if missing:
     message = f'{data_dir}: {len(missing)} dataset(s) of the mixture are missing: {", ".join(missing)}'
+    message += _suggestions(data_dir, missing)
     if not skip_missing or not opened:
       raise DataError(message + ('' if opened else ' (none left)') +
                       ('; set skip_missing=True to train on the rest' if opened else ''))
     _log.warning('%s; skipping them (skip_missing=True)', message)
   return opened
+
+
+def _suggestions(data_dir: str, missing: Sequence[str]) -> str:
+  """'; did you mean ...' from the datasets in `data_dir`, the registry and the named mixtures."""
+  present = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+  known = present + sorted(set(oxe.REGISTRY) | set(NAMED_MIXTURES))
+  hints = []
+  for name in missing:
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    if close:
+      hints.append(f'{name}: did you mean {" or ".join(map(repr, close))}?')
+  where = f' ({data_dir} holds {", ".join(present[:8])}{", ..." if len(present) > 8 else ""})' if present else ''
+  return (f'; {"; ".join(hints)}' if hints else '') + where
 
 
 def proportions(weights: Sequence[float], sizes: Sequence[float] | None = None) -> np.ndarray:

@@ -516,7 +516,7 @@ class EpisodeReader:
     message = _tf_message(error)
     if self.on_corrupt == 'error':
       raise DataError(f'{segment.filename}: corrupted or truncated tfrecord after episode {read} of '
-                      f'{segment.size} ({message}); set on_corrupt="skip" to skip the rest of the shard') from None
+                      f'{segment.size} ({message}); set data.on_corrupt=skip to skip the rest of the shard') from None
     self.corrupt_segments += 1
     _log.warning('%s: corrupted or truncated tfrecord after episode %d of %d, skipping the rest of '
                  'this shard (%d skipped so far): %s', segment.filename, read, segment.size,

@@ -744,7 +744,12 @@ def dataset_actions(config, *, progress: bool = True) -> np.ndarray:
     with tqdm.tqdm(total=sum(s.size for s in segments), desc=f'actions {dataset.spec.name}', unit='episode',
                    disable=not progress) as bar:
       for segment in segments:
-        for episode in reader.episodes(segment):
+        for index, episode in enumerate(reader.episodes(segment)):
+          finite = np.isfinite(episode['action'])
+          if not finite.all():
+            raise DataError(f'{segment.filename}: episode {index} has NaN or inf actions at {int((~finite).any(-1).sum())} '
+                            f'step(s) (dimension(s) {np.flatnonzero(~finite.all(0)).tolist()} of the standardised 7); '
+                            'fix or drop that episode before finetuning on it')
           chunks.append(episode['action'])
           bar.update(1)
   if not chunks:

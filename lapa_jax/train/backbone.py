@@ -68,6 +68,7 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       batch_size=64, num_batches=2))
   config.log_every = 50
   config.keep_checkpoints = 2
+  config.on_nonfinite = 'skip'    # a non-finite loss/gradient: 'skip' the step (counted) or 'stop'
   if world:
     config.optim.update(lr=1e-3, warmup_steps=50, schedule='cosine', end_lr_fraction=0.1)
   return config

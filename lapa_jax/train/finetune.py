@@ -115,8 +115,10 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     if load_params is not None:
       state = load_params(state)
     shardings = jax.tree.map(lambda leaf: leaf.sharding, state.model_state[TOKENIZER_STATE])
+    # Through host memory: the params sit on this process's first device, and jax cannot copy
+    # between devices of different processes; every process holds the same values.
     return state.replace(model_state={**state.model_state,
-                                      TOKENIZER_STATE: jax.device_put(vqgan_params, shardings)})
+                                      TOKENIZER_STATE: jax.device_put(jax.device_get(vqgan_params), shardings)})
 
   evaluate = backbone.held_out_evaluator(config, held_out_metrics, token_batches)
   used_tokenizer = vision_tokenizer.description(config.vision_tokenizer, vqgan_config,

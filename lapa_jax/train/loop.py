@@ -40,7 +40,10 @@ from lapa_jax.train.step import TrainState, init_train_state, make_train_step
 
 # Fields every stage config has (see CONTRACTS.md); checked before any work starts.
 REQUIRED_FIELDS = ('stage', 'seed', 'mesh_dim', 'batch_size', 'total_steps', 'log_every', 'eval_every',
-                   'checkpoint_every', 'keep_checkpoints', 'dtype', 'optim', 'model', 'data')
+                   'checkpoint_every', 'keep_checkpoints', 'on_nonfinite', 'dtype', 'optim', 'model', 'data')
+# A step with a non-finite loss or gradient leaves the state as it was (train/step.py); then the run
+# goes on counting such steps ('skip'), or stops without saving, keeping its last checkpoint ('stop').
+NONFINITE_POLICIES = ('skip', 'stop')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +83,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('batch_size', 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if int(config[name]) < 1:
       raise ValueError(f'config field {name}: expected a positive integer, got {config[name]!r}')
+  if config.on_nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f'config field on_nonfinite: expected one of {NONFINITE_POLICIES}, got {config.on_nonfinite!r}')
 
 
 class _Preemption:
@@ -163,7 +168,8 @@ def _next_batch(data, config: ml_collections.ConfigDict, step: int) -> dict:
 
 
 def write_stage_files(files: dict[str, Any], workdir: str) -> None:
-  """Writes Stage.files into `workdir`; a file left by an earlier run must hold the same value."""
+  """Writes Stage.files into `workdir`; a file left by an earlier run must hold the same value (all
+  are checked before any is written)."""
   for name, value in files.items():
     path = os.path.join(workdir, name)
     if os.path.exists(path):
@@ -171,11 +177,45 @@ def write_stage_files(files: dict[str, Any], workdir: str) -> None:
         if json.load(f) != json.loads(json.dumps(value)):
           raise ValueError(f'{path} differs from what this run computed (the data or its settings changed); '
                            'resume with the same data, or start a new workdir')
+  for name, value in files.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
       continue
     os.makedirs(workdir, exist_ok=True)
     with open(path + '.tmp', 'w') as f:
       json.dump(value, f, indent=1)
     os.replace(path + '.tmp', path)
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str, target: Any,
+                    checkpoints: checkpoint.Checkpointer) -> None:
+  """One-line error when `target` (this config's state) cannot take the latest checkpoint's arrays,
+  naming the array and the config fields changed since the run started; says what else changed."""
+  step = checkpoints.latest_step()
+  changed = config_changes(config, workdir)
+  try:
+    saved = checkpoints.saved_shapes(step)
+  except (OSError, ValueError):  # unreadable metadata: the restore falls back to an older step
+    saved = None
+  problems = checkpoint.shape_mismatches(saved, checkpoint.array_shapes(target)) if saved is not None else []
+  if problems:
+    problems.sort(key=lambda problem: not problem.startswith('params'))  # the model's own arrays first
+    more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+    fields = f'; changed since the run started: {", ".join(changed[:6])}' if changed else ''
+    raise ValueError(f'{workdir}: cannot resume step {step} with this config: {problems[0]}{more}{fields}; '
+                     'resume with its config.json or start a new --workdir')
+  if changed:
+    say(f'resuming with a changed config: {", ".join(changed)}')
+
+
+def config_changes(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+  """Fields of `config` that differ from the `config.json` an earlier run wrote into `workdir`."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  return config_lib.differences(saved, json.loads(json.dumps(config.to_dict(), default=str)))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devices=None) -> TrainState:
@@ -187,11 +227,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
   check_config(config)
   # Random draws then depend only on the key and the shape, not on how the mesh splits them.
   jax.config.update('jax_threefry_partitionable', True)
-  if jax.process_index() == 0:
-    write_stage_files(stage.files, workdir)
-    config_lib.save(config, workdir)
 
-  # ----- Mesh, optimizer, data ---------------------------------------------------------------
+  # ----- Mesh, optimizer, checkpoints ----------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh_dim, devices)
   data_parallel = sharding.data_parallel_size(mesh)
   if config.batch_size % data_parallel:
@@ -201,17 +238,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
   schedule = optim.make_schedule(config.optim, config.total_steps)
   checkpoints = checkpoint.Checkpointer(checkpoint.directory_in(workdir), save_every=config.checkpoint_every,
                                         keep=config.keep_checkpoints)
+  init_state = functools.partial(init_train_state, stage.init, optimizer, config.seed)
+  target = None
+  if checkpoints.latest_step():
+    target = checkpoint.restore_target(init_state, mesh)
+    check_resumable(config, workdir, target, checkpoints)
+
+  # Only now, with the config known to fit the checkpoint, is anything written into the workdir.
+  if jax.process_index() == 0:
+    write_stage_files(stage.files, workdir)
+    config_lib.save(config, workdir)
   data = stage.train_data(jax.process_index(), jax.process_count())
 
   # ----- State: created sharded, or restored onto this mesh ------------------------------------
-  init_state = functools.partial(init_train_state, stage.init, optimizer, config.seed)
-
-  start_step = checkpoints.latest_step() or 0
+  start_step = 0
   with sharding.use_mesh(mesh):
-    if start_step:
-      target = checkpoint.restore_target(init_state, mesh)
+    if target is not None:
       state_shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
       state, data_state = checkpoints.restore(target)
+      start_step = int(state.step)
       _restore_data_position(data, data_state)
       say(f'resumed from step {start_step} in {checkpoints.directory}')
     else:
@@ -230,16 +275,32 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
   # ----- Logging, evaluation -------------------------------------------------------------------
-  writer = metrics.MetricWriter(workdir)
+  # A run killed after its last checkpoint logged steps that the resumed run logs again.
+  writer = metrics.MetricWriter(workdir, drop_after_step=start_step)
   bar = metrics.progress_bar(config.total_steps, initial=start_step)
   clock = {'time': time.perf_counter(), 'step': start_step}
+  skipped = {'reported': int(state.skipped_steps)}
+
+  def check_skipped(step: int, count: int) -> None:
+    """Reports steps the update step skipped for a non-finite loss or gradient; stops on request."""
+    if count == skipped['reported']:
+      return
+    if config.on_nonfinite == 'stop':
+      raise FloatingPointError(
+          f'step {step}: a non-finite loss or gradient since step {clock["step"]} (on_nonfinite="stop"); '
+          f'the run stops, its last checkpoint is step {checkpoints.latest_step() or "none"}')
+    say(f'step {step}: {count - skipped["reported"]} step(s) with a non-finite loss or gradient skipped '
+        f'({count} in all; see skipped_steps in metrics.jsonl)')
+    skipped['reported'] = count
+
+  def save(step: int, *, force: bool = False) -> None:
+    if config.on_nonfinite == 'stop' and (force or checkpoints.should_save(step)):
+      check_skipped(step, int(state.skipped_steps))  # never save a state after a non-finite step
+    checkpoints.save(step, state, _data_positions(data), force=force)
 
   def log(step: int, device_metrics: dict) -> None:
     values = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
-    bad = sorted(name for name, value in values.items() if not np.isfinite(value))
-    if bad:
-      raise FloatingPointError(f'step {step}: {", ".join(bad)} became non-finite '
-                               f'({", ".join(f"{n}={values[n]}" for n in bad)}); the run stops here')
+    check_skipped(step, int(values['skipped_steps']))
     now = time.perf_counter()
     steps_per_second = (step - clock['step']) / max(now - clock['time'], 1e-9)
     clock.update(time=now, step=step)
@@ -274,7 +335,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
         if step % config.log_every == 0 or step == config.total_steps:
           pending.append((step, step_metrics))
         if checkpoints.should_save(step):
-          checkpoints.save(step, state, _data_positions(data))
+          save(step)
         if preemption.reached(step):
           preempted = True
           break
@@ -283,7 +344,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
           evaluate(step, state)
       flush()
       if step > start_step:
-        checkpoints.save(step, state, _data_positions(data), force=True)
+        save(step, force=True)
         if preempted:
           say(f'SIGTERM: saved step {step} in {checkpoints.directory}; exiting')
         else:

@@ -5,12 +5,16 @@
     step = jax.jit(make_train_step(stage.loss_fn, optimizer, schedule, stage.after_update), donate_argnums=(0,))
     state, metrics = step(state, batch)  # metrics: 'loss', 'learning_rate', 'grad_norm', 'param_norm', ...
 
+A step whose loss or gradient norm is not finite changes nothing but `step` and `skipped_steps`: one
+bad batch or overflow would otherwise poison the params and Adam moments for the rest of the run.
+
 `loss_fn` and `after_update` follow the stage contract (`loop.Stage`, CONTRACTS.md). Both functions
 are pure, so they trace under `jax.jit`, `jax.eval_shape` and `sharding.create_sharded` alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
@@ -26,6 +30,8 @@ class TrainState:
   opt_state: Any          # optax state of the optimizer the step is made with
   model_state: Any        # non-trained state, e.g. codebook usage ({} if none)
   rng: jax.Array          # (2,) uint32 base key; step `s` uses fold_in(rng, s)
+  # () int32: steps whose loss or gradients were not finite, so they left the state as it was.
+  skipped_steps: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 def init_train_state(init_fn: Callable[[jax.Array], dict], optimizer: optax.GradientTransformation,
@@ -40,7 +46,7 @@ def init_train_state(init_fn: Callable[[jax.Array], dict], optimizer: optax.Grad
   variables = init_fn(init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
                     opt_state=optimizer.init(variables['params']), model_state=variables['model_state'],
-                    rng=train_rng)
+                    rng=train_rng, skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def make_train_step(loss_fn: Callable[..., tuple], optimizer: optax.GradientTransformation,
@@ -50,8 +56,9 @@ def make_train_step(loss_fn: Callable[..., tuple], optimizer: optax.GradientTran
 
   `loss_fn(params, model_state, batch, rng, step) -> (loss, (metrics, new_model_state))` gets the key
   `fold_in(state.rng, state.step)`. Metrics are scalars: 'loss', 'learning_rate' (when `schedule` is
-  given), 'grad_norm', 'param_norm' (after the update), then the loss's own metrics and those of
-  `after_update(state) -> (state, extra_metrics)`, which runs after the update.
+  given), 'grad_norm', 'param_norm' (after the update), 'skipped_steps' (so far, this one included),
+  then the loss's own metrics and those of `after_update(state) -> (state, extra_metrics)`, which
+  runs after the update.
   """
 
   def step(state: TrainState, batch: Any) -> tuple[TrainState, dict]:
@@ -68,10 +75,14 @@ def make_train_step(loss_fn: Callable[..., tuple], optimizer: optax.GradientTran
       metrics['learning_rate'] = schedule(state.step)
     metrics.update({'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(params)})
     metrics.update(loss_metrics)  # may replace the names above, e.g. a loss that reports its own 'loss'
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    previous = state.replace(step=state.step + 1, skipped_steps=state.skipped_steps + 1)
     state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state)
     if after_update is not None:
       state, extra_metrics = after_update(state)
       metrics.update(extra_metrics)
+    state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), state, previous)
+    metrics['skipped_steps'] = state.skipped_steps
     return state, metrics
 
   return step
