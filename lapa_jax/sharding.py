@@ -19,6 +19,8 @@ MESH_AXES = ('dp', 'fsdp', 'tp')
 
 # Logical axis name -> mesh axes. Flax takes the first rule whose mesh axes are still free in a
 # given array, so `embed` on an activation whose `batch` already uses `fsdp` stays replicated.
+# Every name a model uses must be here (`logical_to_shardings` refuses others): flax would map an
+# unknown name to None, silently replicating what was meant to be split.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('batch', ('dp', 'fsdp')),
     ('embed', 'fsdp'),
@@ -28,6 +30,15 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('length', None),
     ('kv', None),
     ('layers', None),
+    # LAQ: the pixels of a patch (channels x patch^2), the other side of the embed x patch kernels
+    # of the patch embedding and the pixel head: split like `mlp`.
+    ('patch', 'tp'),
+    # NSVQ width (project_in embed x quant, project_out quant x embed): like `mlp`; the output
+    # channels of its convolutions (quant x quant_out) like `embed`, so a kernel splits both ways.
+    ('quant', 'tp'),
+    ('quant_out', 'fsdp'),
+    # Codebook rows (a few): gathered by index and replaced by dead-code revival every few steps.
+    ('codebook', None),
 )
 
 
@@ -81,19 +92,50 @@ def use_mesh(mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
     yield
 
 
+def fit_spec_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
+  """`spec` with each dimension that its mesh axes do not divide evenly replicated instead.
+
+  jax cannot place an array whose dimension is not a multiple of its shard count (IndivisibleError),
+  and flax's rules do not look at shapes: e.g. the LAQ's GEGLU width int(8/3 x dim) (170 for the
+  tiny preset, 2730 for the paper's) under `mlp` -> `tp` = 4. Such a dimension stays whole; the
+  array's other dimensions keep their split.
+  """
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  fitted = []
+  for size, axes in zip(shape, entries):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    shards = int(np.prod([mesh.shape[name] for name in names]))
+    fitted.append(axes if size % shards == 0 else None)
+  return PartitionSpec(*fitted)
+
+
+def unknown_logical_names(names: Sequence[str | None], rules=LOGICAL_RULES) -> list[str]:
+  """The names of `names` (one logical name or None per axis) that `rules` does not map."""
+  known = {name for name, _ in rules}
+  return [name for name in names if name is not None and name not in known]
+
+
 def logical_to_shardings(boxed_tree, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
   """NamedShardings for a tree whose leaves may be `nn.LogicallyPartitioned` (from eval_shape).
 
   Leaf by leaf, so the result has exactly the tree's structure: the optimizer state of a frozen
   param is a box around optax's empty `MaskedNode`, which must stay an empty node (not a sharding)
-  for the result to line up with the unboxed tree.
+  for the result to line up with the unboxed tree. A dimension its mesh axes do not divide is
+  replicated (`fit_spec_to_shape`); a logical name missing from `rules` is an error.
   """
-  def sharding_of(leaf):
+  def sharding_of(path, leaf):
     if isinstance(leaf, nn.Partitioned) and not jax.tree.leaves(leaf.value):
       return leaf.value
-    spec = leaf.get_partition_spec() if isinstance(leaf, nn.Partitioned) else PartitionSpec()
-    return nn.logical_to_mesh_sharding(spec, mesh, rules)
-  return jax.tree.map(sharding_of, boxed_tree, is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned))
+    if not isinstance(leaf, nn.Partitioned):
+      return NamedSharding(mesh, PartitionSpec())
+    unknown = unknown_logical_names(leaf.names, rules)
+    if unknown:
+      raise ValueError(f'{jax.tree_util.keystr(path)}: logical axis name {unknown[0]!r} is not in the rules '
+                       f'table (lapa_jax/sharding.py LOGICAL_RULES); add it with its mesh axes (or None)')
+    spec = nn.logical_to_mesh_axes(leaf.names, rules)
+    return NamedSharding(mesh, fit_spec_to_shape(spec, leaf.value.shape, mesh))
+  return jax.tree_util.tree_map_with_path(sharding_of, boxed_tree,
+                                          is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned))
 
 
 def create_sharded(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, *args, rules=LOGICAL_RULES):

@@ -1,12 +1,9 @@
 """The policy API and `lapa evaluate` on the tiny runs of tests/tiny_runs.py: shapes and batching,
 decoding constrained to each action dimension's bins, clear errors for bad observations, identical
-rollouts for identical seeds, resumable evaluation outputs, and 2 processes agreeing with 1."""
+rollouts for identical seeds, resumable evaluation outputs. (2 processes agreeing with 1:
+test_multihost_stages.py.)"""
 
-import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -122,29 +119,6 @@ def test_evaluate_errors_are_one_line(tmp_path, capsys):
   assert evaluate.main([str(tmp_path), '--out', str(tmp_path / 'eval'), '--kinds', 'fly']) == 2
   errors = capsys.readouterr().err.strip().splitlines()
   assert len(errors) == 2 and 'no config.json' in errors[0] and "'fly'" in errors[1]
-
-
-def test_two_processes_evaluate_like_one(pipeline, tmp_path):
-  workdir = pipeline['finetune'][0]
-  arguments = [str(workdir), '--out', None, '--episodes', '3', '--max-steps', '8', '--kinds', 'reach_corner,push_to_block',
-               '--image-size', str(IMAGE_SIZE), '--offline-batches', '0', '--gifs', '0']
-  one = tmp_path / 'one'
-  assert evaluate.main([str(one) if a is None else a for a in arguments]) == 0
-  with socket.socket() as probe:
-    probe.bind(('127.0.0.1', 0))
-    port = probe.getsockname()[1]
-  env = {name: value for name, value in os.environ.items() if name != 'XLA_FLAGS'}
-  two = tmp_path / 'two'
-  worker = os.path.join(os.path.dirname(__file__), 'evaluate_worker.py')
-  processes = [subprocess.Popen([sys.executable, worker, str(index), str(port), '--',
-                                 *[str(two) if a is None else a for a in arguments]],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for index in range(2)]
-  outputs = [process.communicate(timeout=300)[0] for process in processes]
-  assert [process.returncode for process in processes] == [0, 0], outputs
-  strip = lambda records: sorted(json.dumps({k: v for k, v in r.items() if k != 'workdir'}, sort_keys=True)
-                                 for r in records)
-  assert strip(evaluate.read_results(str(two))) == strip(evaluate.read_results(str(one)))
 
 
 def test_runs_with_the_same_directory_name_stay_apart():

@@ -2,6 +2,7 @@
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -89,3 +90,81 @@ def test_losses_do_not_depend_on_mesh(tmp_path, single_device_losses, mesh_dim):
       assert array.addressable_shards[0].data.shape == shard_shape
   assert state.model_state['target_mean'].sharding.spec == P('fsdp')
   assert state.step.sharding.is_fully_replicated and int(state.step) == STEPS
+
+
+# ----- The rules table covers every logical name the models use -----------------------------------
+
+def _model_inits():
+  """{model: init() -> params (logically boxed)} of every model at its tiny size."""
+  import jax.numpy as jnp
+  from lapa_jax.models import laq, vla, vqgan
+  from lapa_jax.train import tokenizer
+
+  def laq_init(variant):
+    model = laq.from_config(config_lib.load('configs/laq.py:tiny', [f'--config.model.variant={variant}']).model)
+    return lambda: model.init(jax.random.key(0), jnp.zeros((1, 2, model.image_size, model.image_size, 3)))
+
+  vqgan_model = vqgan.VQGAN(vqgan.vqgan_config('tiny'))
+  images = jnp.zeros((1, 16, 16, 3))
+  discriminator = tokenizer.PatchDiscriminator(channels=8, layers=2)
+  vla_config = vla.vla_config('tiny', action_vocab_size=256)
+  toy_stage = toy.make_stage(config_lib.load(TOY))
+  return {
+      'laq lapa': laq_init('lapa'), 'laq official': laq_init('official'),
+      'vqgan': lambda: vqgan_model.init(jax.random.key(0), images),
+      'discriminator': lambda: discriminator.init(jax.random.key(0), images),
+      'vla scanned': lambda: vla.init_params(vla.VLA(vla_config), jax.random.key(0)),
+      'vla unscanned': lambda: vla.init_params(
+          vla.VLA(vla_config.replace(llama=vla_config.llama.replace(scan_layers=False))), jax.random.key(0)),
+      'toy': lambda: toy_stage.init(jax.random.key(0)),
+  }
+
+
+def test_every_logical_name_of_every_model_is_in_the_rules():
+  """Flax maps a name missing from the table to None: the axis would be silently replicated."""
+  from lapa_jax.models import layers, llama
+  used, missing = set(), []
+  for model, init in _model_inits().items():
+    boxes = jax.tree.leaves(jax.eval_shape(init), is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned))
+    for box in (box for box in boxes if isinstance(box, nn.Partitioned)):
+      used.update(name for name in box.names if name)
+      missing += [(model, name) for name in sharding.unknown_logical_names(box.names)]
+  activations = (layers.VIDEO_AXES, llama.HIDDEN_AXES, llama.HEADS_AXES, llama.MLP_AXES)
+  missing += [('activations', name) for axes in activations for name in sharding.unknown_logical_names(axes)]
+  assert not missing, f'logical names missing from sharding.LOGICAL_RULES: {sorted(set(missing))}'
+  assert {'patch', 'quant', 'quant_out', 'codebook', 'embed', 'mlp', 'heads', 'vocab', 'layers'} <= used
+
+
+def test_an_unknown_logical_name_is_an_error():
+  boxed = {'w': nn.LogicallyPartitioned(jax.ShapeDtypeStruct((4, 8), np.float32), ('embed', 'nonsense'))}
+  with pytest.raises(ValueError, match=r"\['w'\].*'nonsense'.*LOGICAL_RULES"):
+    sharding.logical_to_shardings(boxed, sharding.make_mesh('1,2,4'))
+
+
+def test_dimensions_the_mesh_does_not_divide_stay_whole():
+  mesh = sharding.make_mesh('2,2,2')
+  assert sharding.fit_spec_to_shape(P('fsdp', 'tp'), (4, 170), mesh) == P('fsdp', 'tp')
+  assert sharding.fit_spec_to_shape(P('fsdp', 'tp'), (3, 170), mesh) == P(None, 'tp')
+  assert sharding.fit_spec_to_shape(P(('dp', 'fsdp'), None), (6, 5), mesh) == P(None, None)
+  boxed = {'w': nn.LogicallyPartitioned(jax.ShapeDtypeStruct((64, 2, 170), np.float32), ('embed', None, 'mlp'))}
+  assert sharding.logical_to_shardings(boxed, sharding.make_mesh('1,2,4'))['w'].spec == P('fsdp', None, None)
+
+
+def test_the_laq_splits_over_tensor_parallelism():
+  """(embed, heads, kv) attention, (patch, embed) patch embedding, (quant, quant_out) NSVQ
+  convolution and (codebook, quant) codebook split over tp; the GEGLU width 170 of the tiny preset
+  splits over tp = 2 but stays whole for tp = 4. (test_multihost_stages.py trains on these meshes.)"""
+  import jax.numpy as jnp
+  from flax import traverse_util
+  from lapa_jax.models import laq
+  model = laq.from_config(config_lib.load('configs/laq.py:tiny').model)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2, 32, 32, 3)))['params'])
+  expected = {'encoder_space/layer_0/self_attention/query/kernel': P('fsdp', 'tp', None),
+              'patch_dense/kernel': P('tp', 'fsdp'), 'to_pixels/kernel': P('fsdp', 'tp'),
+              'quantizer/convs_0/kernel': P(None, None, 'tp', 'fsdp'), 'quantizer/codebook': P(None, 'tp')}
+  geglu = 'encoder_space/layer_0/feed_forward/wi/kernel'  # (embed, (value, gate), mlp)
+  for mesh_dim, geglu_spec in (('1,2,4', P('fsdp', None, None)), ('1,4,2', P('fsdp', None, 'tp'))):
+    shardings = traverse_util.flatten_dict(
+        nn.unbox(sharding.logical_to_shardings(abstract, sharding.make_mesh(mesh_dim))), sep='/')
+    for name, spec in {**expected, geglu: geglu_spec}.items():
+      assert shardings[name].spec == spec, (mesh_dim, name)
