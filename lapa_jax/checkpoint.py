@@ -23,8 +23,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
+import traceback
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -65,19 +67,16 @@ def latest_step(workdir: str) -> int | None:
 
 
 @contextlib.contextmanager
-def quiet_orbax(level: int = logging.ERROR):
+def quiet_orbax():
   """Silences orbax's absl warnings about expected situations (read-only directories, a checkpoint
-  item read without its CheckpointManager's metadata file); `level=CRITICAL` also hides the
-  tracebacks that a failed read logs from its event loop, which `Checkpointer` reports in one line."""
-  loggers = [logging.getLogger(name) for name in ('absl', 'asyncio')]
-  levels = [logger.level for logger in loggers]
-  for logger in loggers:
-    logger.setLevel(level)
+  item read without its CheckpointManager's metadata file)."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
   try:
     yield
   finally:
-    for logger, previous in zip(loggers, levels):
-      logger.setLevel(previous)
+    absl_logger.setLevel(level)
 
 
 def short_reason(error: BaseException) -> str:
@@ -87,8 +86,13 @@ def short_reason(error: BaseException) -> str:
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if not lines:
     return type(error).__name__
-  # TensorStore puts the OS's reason ("File too large", "No space left on device") at the end.
-  return lines[0] if len(lines[0]) <= 300 else f'{lines[0][:120]} ... {lines[0][-160:]}'
+  # TensorStore appends the (long) spec of the store after the reason ("... File too large"), and
+  # sometimes the OS's error code after the spec.
+  reason = lines[0].split(' [tensorstore_spec')[0]
+  code = re.search(r"\[os_error_code='?\d+'?\]", lines[0])
+  if code and code.group(0) not in reason:
+    reason += ' ' + code.group(0)
+  return reason if len(reason) <= 300 else f'{reason[:120]} ... {reason[-160:]}'
 
 
 def array_shapes(tree: Any) -> dict[str, tuple]:
@@ -124,7 +128,8 @@ class _DropOrbaxErrors(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno < logging.ERROR or os.environ.get('LAPA_DEBUG') == '1':
       return True
-    return not ('/orbax/' in record.pathname or '/orbax/' in record.getMessage())
+    trace = ''.join(traceback.format_tb(record.exc_info[2])) if record.exc_info else ''
+    return not any('/orbax/' in text for text in (record.pathname, record.getMessage(), trace))
 
 
 for _name in ('absl', 'asyncio'):
@@ -227,7 +232,7 @@ class Checkpointer:
     """`read(step)`; without a step, of the latest step that reads, warning about each newer one that
     does not (and, when writing, moving it aside so the run can save that step again)."""
     if step is not None:
-      with quiet_orbax(logging.CRITICAL):
+      with quiet_orbax():
         try:
           return read(step)
         except Exception as error:  # orbax wraps TensorStore's read errors in a plain Exception
@@ -238,7 +243,7 @@ class Checkpointer:
     unreadable = []
     for candidate in steps:
       try:
-        with quiet_orbax(logging.CRITICAL):
+        with quiet_orbax():
           restored = read(candidate)
       except Exception as error:  # shapes were checked before (check_resumable): a read error
         unreadable.append(candidate)

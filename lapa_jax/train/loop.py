@@ -294,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stage: Stage, *, devi
     skipped['reported'] = count
 
   def save(step: int, *, force: bool = False) -> None:
-    if config.on_nonfinite == 'stop' and (force or checkpoints.should_save(step)):
+    if config.on_nonfinite == 'stop':
       check_skipped(step, int(state.skipped_steps))  # never save a state after a non-finite step
     checkpoints.save(step, state, _data_positions(data), force=force)
 
