@@ -14,7 +14,7 @@ from lapa_jax import host_memory
 
 COMMANDS = {
     # name: (module, one-line help)
-    'world': ('lapa_jax.envs.writer', 'write built-in tabletop world episodes as an RLDS dataset'),
+    'world': ('lapa_jax.envs.writer', 'write built-in world or Meta-World expert episodes as an RLDS dataset'),
     'inspect-data': ('lapa_jax.data.inspect', 'check a data directory: versions, keys, fps, offsets, stats, PNGs'),
     'import-videos': ('lapa_jax.data.video', 'human videos (frame folders or mp4/webm) + instructions -> RLDS'),
     'resize-dataset': ('lapa_jax.data.resize', 'copy an RLDS dataset with its images resized: IN OUT --size 256'),

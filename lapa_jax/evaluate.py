@@ -1,18 +1,21 @@
-"""Batch evaluation of VLA checkpoints: held-out metrics, closed-loop success in the built-in world,
-and imagined rollouts of latent-pretrained models.
+"""Batch evaluation of VLA checkpoints: held-out metrics, closed-loop success in the built-in world
+or on Meta-World, and imagined rollouts of latent-pretrained models.
 
     lapa evaluate runs/lapa runs/scratch --out eval/                  # each workdir's latest checkpoint
     lapa evaluate 'runs/*' runs/lapa@300 --out eval/ --episodes 20    # globs; @STEP picks a checkpoint
     lapa evaluate --watch runs/lapa --out eval/                       # every new checkpoint as it appears
+    lapa evaluate runs/mw_lapa --env metaworld:mt10 --out eval_mw/    # Meta-World, success per task
 
 For every checkpoint (policy.py loads it):
   offline      on held-out steps of the run's own data (config.eval.split): action-token accuracy
                and L1 of the decoded actions per dimension (finetuned runs), or latent-token accuracy
                (latent-pretrained runs), of what the policy generates;
-  closed loop  (action policies) `--episodes` episodes per task kind of the built-in world, the same
-               seeds for every checkpoint; all environments step together, so the policy sees one
-               batch per control step. Per task kind: success rate with a 95% Wilson interval, and
-               progress, 1 - final / initial distance of the task's object to its goal (1 on success);
+  closed loop  (action policies) `--episodes` episodes per task (a kind of the built-in world, or a
+               Meta-World task with --env metaworld:...), the same seeds for every checkpoint; all
+               environments step together (Meta-World's in worker processes, in parallel), so the
+               policy sees one batch per control step. Per task: success rate with a 95% Wilson
+               interval, and progress, 1 - final / initial distance of the task's object to its goal
+               (1 on success);
   imagined     (latent policies whose LAQ is at hand) from an episode's first frame, the model's latent
                action is decoded by the LAQ decoder into the frame H steps later, again and again,
                beside the scripted expert's real episode (the paper's latent world-model figure).
@@ -43,7 +46,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from lapa_jax import checkpoint
-from lapa_jax.envs import TASK_KINDS, TabletopEnv, world
+from lapa_jax.envs import remote, suites, world
 from lapa_jax.policy import Policy, resize_uint8
 
 RESULTS, TABLE, PLOT = 'results.jsonl', 'results.md', 'success.png'
@@ -129,30 +132,36 @@ def episode_seeds(kinds: Sequence[str], episodes: int, seed: int) -> list[tuple[
   return [(kind, seed + index) for kind in kinds for index in range(episodes)]
 
 
-def rollouts(policy: Policy, specs: Sequence[tuple[str, int]], *, image_size: int = 64, max_steps: int = world.MAX_STEPS,
-             record: Sequence[bool] = (), progress: bool = True) -> list[Episode]:
-  """Runs the episodes `specs` (task kind, seed) together: one policy call per control step for all
-  of them. `record[i]` keeps episode i's frames."""
-  envs = [TabletopEnv('robot', image_size=image_size, max_steps=max_steps, kinds=(kind,)) for kind, _ in specs]
-  images = [env.reset(seed)['image'] for env, (_, seed) in zip(envs, specs)]
-  episodes = [Episode(kind, seed, env.instruction, start_distance=world.goal_distance(env.state),
-                      frames=[image] if index < len(record) and record[index] else None)
-              for index, (env, (kind, seed), image) in enumerate(zip(envs, specs, images))]
-  active = list(range(len(envs)))
-  with tqdm.tqdm(total=max_steps, desc='closed loop', unit='step', disable=not progress or not envs) as bar:
-    while active:
-      actions = policy.infer({'image': np.stack([images[i] for i in active]),
-                              'instruction': [episodes[i].instruction for i in active]})['actions']
-      for i, action in zip(active, actions):
-        obs, _, done, info = envs[i].step(action)
-        images[i] = obs['image']
-        episodes[i].steps, episodes[i].success = info['step'], info['success']
-        if episodes[i].frames is not None:
-          episodes[i].frames.append(obs['image'])
-      active = [i for i in active if not envs[i].done]
-      bar.update(1)
-  for env, episode in zip(envs, episodes):
-    episode.final_distance = world.goal_distance(env.state)
+def rollouts(policy: Policy, specs: Sequence[tuple[str, int]], *, suite: suites.Suite = suites.parse('world'),
+             image_size: int = 64, max_steps: int | None = None, record: Sequence[bool] = (),
+             progress: bool = True) -> list[Episode]:
+  """Runs the episodes `specs` (task, seed) of `suite` together: one policy call per control step for
+  all of them. `record[i]` keeps episode i's frames."""
+  max_steps = max_steps or suite.max_steps
+  envs = [suite.make(kind, image_size=image_size, max_steps=max_steps) for kind, _ in specs]
+  try:
+    images = [env.reset(seed)['image'] for env, (_, seed) in zip(envs, specs)]
+    episodes = [Episode(kind, seed, env.instruction, start_distance=env.goal_distance(),
+                        frames=[image] if index < len(record) and record[index] else None)
+                for index, (env, (kind, seed), image) in enumerate(zip(envs, specs, images))]
+    active = list(range(len(envs)))
+    with tqdm.tqdm(total=max_steps, desc='closed loop', unit='step', disable=not progress or not envs) as bar:
+      while active:
+        actions = policy.infer({'image': np.stack([images[i] for i in active]),
+                                'instruction': [episodes[i].instruction for i in active]})['actions']
+        results = remote.step_many([(envs[i], action) for i, action in zip(active, actions)])
+        for i, (obs, _, _, info) in zip(active, results):
+          images[i] = obs['image']
+          episodes[i].steps, episodes[i].success = info['step'], info['success']
+          if episodes[i].frames is not None:
+            episodes[i].frames.append(obs['image'])
+        active = [i for i in active if not envs[i].done]
+        bar.update(1)
+    for env, episode in zip(envs, episodes):
+      episode.final_distance = env.goal_distance()
+  finally:
+    for env in envs:
+      env.close()
   return episodes
 
 
@@ -190,13 +199,14 @@ def _gather(episodes: list[Episode], specs: Sequence[tuple[str, int]], mine: Seq
 
 
 def closed_loop(policy: Policy, kinds: Sequence[str], episodes: int, seed: int, *, gifs: int = 0,
-                image_size: int = 64, max_steps: int = world.MAX_STEPS) -> tuple[dict[str, dict], list[Episode]]:
-  """({task kind: summarize(...)}, this process's recorded episodes) over `episodes` per kind."""
+                suite: suites.Suite = suites.parse('world'), image_size: int = 64,
+                max_steps: int | None = None) -> tuple[dict[str, dict], list[Episode]]:
+  """({task: summarize(...)}, this process's recorded episodes) over `episodes` per task of `suite`."""
   specs = episode_seeds(kinds, episodes, seed)
   mine = list(range(jax.process_index(), len(specs), jax.process_count()))
   record = [index % episodes < gifs for index in mine]
-  local = rollouts(policy, [specs[i] for i in mine], image_size=image_size, max_steps=max_steps, record=record,
-                   progress=jax.process_index() == 0)
+  local = rollouts(policy, [specs[i] for i in mine], suite=suite, image_size=image_size, max_steps=max_steps,
+                   record=record, progress=jax.process_index() == 0)
   every = _gather(local, specs, mine)
   by_kind = {kind: [e for (k, _), e in zip(specs, every) if k == kind] for kind in kinds}
   return {kind: summarize(found) for kind, found in by_kind.items()}, [e for e in local if e.frames]
@@ -239,10 +249,10 @@ def offline(policy: Policy, batches: int, batch_size: int) -> dict[str, float]:
 
 # -------------------------------------------------------------------------------------- imagined
 
-def imagined_rollout(policy: Policy, seed: int, kind: str, chunks: int = 8,
-                     image_size: int = 64) -> tuple[str, list[np.ndarray], list[np.ndarray]]:
-  """(instruction, real frames, imagined frames) of one world episode: the expert's frames every H
-  steps, and from the same first frame, the LAQ decoder applied to the policy's latent actions."""
+def imagined_rollout(policy: Policy, seed: int, kind: str, chunks: int = 8, image_size: int = 64,
+                     suite: suites.Suite = suites.parse('world')) -> tuple[str, list[np.ndarray], list[np.ndarray]]:
+  """(instruction, real frames, imagined frames) of one episode: the expert's frames every H steps,
+  and from the same first frame, the LAQ decoder applied to the policy's latent actions."""
   from lapa_jax import laq_infer
   from lapa_jax import sharding
 
@@ -251,18 +261,21 @@ def imagined_rollout(policy: Policy, seed: int, kind: str, chunks: int = 8,
   laq_config, model, params = laq_infer.load_laq(laq['workdir'], mesh, laq['step'])
   size = int(laq_config.model.image_size)
   decode = jax.jit(lambda p, frame, codes: model.apply({'params': p}, frame, codes, method=model.decode_codes))
-  env = TabletopEnv('robot', image_size=image_size, kinds=(kind,))
-  frame = resize_uint8(env.reset(seed)['image'], size)
-  real, imagined = [frame], [frame]
-  rng = np.random.default_rng(seed)
-  for _ in range(chunks):
-    for _ in range(int(laq['frame_offset'])):
-      if not env.done:
-        frame = resize_uint8(env.step(env.expert_action(rng))[0]['image'], size)
-    real.append(frame)
-    codes = policy.infer({'image': imagined[-1], 'instruction': env.instruction})['latent_action']
-    predicted = np.asarray(decode(params, imagined[-1][None].astype(np.float32) / 255.0, codes[None]))[0]
-    imagined.append((np.clip(predicted, 0.0, 1.0) * 255).round().astype(np.uint8))
+  env = suite.make(kind, image_size=image_size)
+  try:
+    frame = resize_uint8(env.reset(seed)['image'], size)
+    real, imagined = [frame], [frame]
+    rng = np.random.default_rng(seed)
+    for _ in range(chunks):
+      for _ in range(int(laq['frame_offset'])):
+        if not env.done:
+          frame = resize_uint8(env.step(env.expert_action(rng))[0]['image'], size)
+      real.append(frame)
+      codes = policy.infer({'image': imagined[-1], 'instruction': env.instruction})['latent_action']
+      predicted = np.asarray(decode(params, imagined[-1][None].astype(np.float32) / 255.0, codes[None]))[0]
+      imagined.append((np.clip(predicted, 0.0, 1.0) * 255).round().astype(np.uint8))
+  finally:
+    env.close()
   return env.instruction, real, imagined
 
 
@@ -325,23 +338,34 @@ def append_result(out: str, record: dict) -> None:
     f.write(json.dumps(record) + '\n')
 
 
+def _environments(closed: Sequence[dict]) -> dict[str, list[str]]:
+  """{env label: its tasks in the order first evaluated}; records from before --env are the world's."""
+  found = {}
+  for r in closed:
+    tasks = found.setdefault(r.get('env', 'built-in world'), [])
+    if r['task_kind'] not in tasks:
+      tasks.append(r['task_kind'])
+  return found
+
+
 def write_table(out: str, records: Sequence[dict]) -> str:
-  """results.md: success (progress) per task kind per checkpoint, and the offline metrics."""
+  """results.md: success (progress) per task per checkpoint, one table per environment, and the
+  offline metrics."""
   closed = [r for r in records if r['task_kind'] != OFFLINE]
-  kinds = [k for k in TASK_KINDS if any(r['task_kind'] == k for r in closed)]
   names = list(dict.fromkeys(r['checkpoint'] for r in records))
   lines = ['# Evaluation', '']
-  if closed:
-    lines += ['Closed-loop success [95% interval] (progress), built-in world', '',
+  for env, kinds in _environments(closed).items():
+    lines += [f'Closed-loop success [95% interval] (progress), {env}', '',
               '| checkpoint | ' + ' | '.join(kinds) + ' | mean |', '|---' * (len(kinds) + 2) + '|']
     for name in names:
-      row = {r['task_kind']: r for r in closed if r['checkpoint'] == name}
+      row = {r['task_kind']: r for r in closed if r['checkpoint'] == name and r.get('env', 'built-in world') == env}
       if not row:
         continue
       cells = [f"{row[k]['success']:.2f} [{row[k]['success_low']:.2f}, {row[k]['success_high']:.2f}] "
                f"({row[k]['progress']:.2f})" if k in row else '' for k in kinds]
       mean = np.mean([row[k]['success'] for k in kinds if k in row])
       lines.append(f'| {name} | ' + ' | '.join(cells) + f' | {mean:.2f} |')
+    lines.append('')
   offline_rows = [r for r in records if r['task_kind'] == OFFLINE and r.get('examples')]
   if offline_rows:
     lines += ['', 'Held-out data (generated tokens against the labels)', '',
@@ -365,7 +389,7 @@ def plot_success(out: str, records: Sequence[dict]) -> str | None:
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
 
-  kinds = [k for k in TASK_KINDS if any(r['task_kind'] == k for r in closed)]
+  kinds = [k for tasks in _environments(closed).values() for k in tasks]
   names = list(dict.fromkeys(r['checkpoint'] for r in closed))
   width = 0.8 / len(names)
   figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(kinds) + 2), 3.6))
@@ -376,7 +400,8 @@ def plot_success(out: str, records: Sequence[dict]) -> str | None:
     low = np.array([rows[k]['success_low'] if k in rows else np.nan for k in kinds])
     high = np.array([rows[k]['success_high'] if k in rows else np.nan for k in kinds])
     axes.bar(x, rate, width, yerr=[rate - low, high - rate], capsize=3, label=name)
-  axes.set_xticks(np.arange(len(kinds)), [k.replace('_', ' ') for k in kinds])
+  axes.set_xticks(np.arange(len(kinds)), [k.replace('_', ' ').removesuffix('-v3') for k in kinds],
+                  rotation=30 if len(kinds) > 6 else 0, ha='right' if len(kinds) > 6 else 'center', fontsize=8)
   axes.set_ylim(0, 1)
   axes.set_ylabel('success rate (95% interval)')
   axes.legend(fontsize=7)
@@ -391,15 +416,20 @@ def plot_success(out: str, records: Sequence[dict]) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  kinds: tuple[str, ...] = TASK_KINDS
+  kinds: tuple[str, ...] = world.TASK_KINDS   # the tasks of `env` to run
   episodes: int = 10
   seed: int = 1000
   gifs: int = 1
   image_size: int = 64
-  max_steps: int = world.MAX_STEPS
+  max_steps: int | None = None                # None: the env's own limit
   offline_batches: int = 4
   batch_size: int = 32
   imagined: int = 2
+  env: str = 'world'
+
+  @property
+  def suite(self) -> suites.Suite:
+    return suites.parse(self.env)
 
 
 def evaluate_checkpoint(ckpt: Checkpoint, out: str, settings: Settings, done: set, **policy_options) -> list[dict]:
@@ -417,18 +447,20 @@ def evaluate_checkpoint(ckpt: Checkpoint, out: str, settings: Settings, done: se
     records.append({**base, 'task_kind': OFFLINE, **found})
   if policy.kind == 'action' and kinds:
     summaries, recorded = closed_loop(policy, kinds, settings.episodes, settings.seed, gifs=settings.gifs,
-                                      image_size=settings.image_size, max_steps=settings.max_steps)
+                                      suite=settings.suite, image_size=settings.image_size,
+                                      max_steps=settings.max_steps)
     for episode in recorded:
       rollout_gif(os.path.join(out, 'gifs', f'{ckpt.file_name}_{episode.kind}_{episode.seed}.gif'), episode)
-    records += [{**base, 'task_kind': kind, 'seeds': [settings.seed, settings.seed + settings.episodes - 1],
-                 **summary} for kind, summary in summaries.items()]
+    records += [{**base, 'task_kind': kind, 'env': settings.suite.label,
+                 'seeds': [settings.seed, settings.seed + settings.episodes - 1], **summary}
+                for kind, summary in summaries.items()]
   elif policy.kind == 'latent' and settings.imagined:
     if policy.laq and os.path.isdir(policy.laq['workdir']):
       for index in range(settings.imagined):
         # Every process loads the LAQ (orbax restores are collective); process 0 writes.
         kind = settings.kinds[index % len(settings.kinds)]
         instruction, real, imagined = imagined_rollout(policy, settings.seed + index, kind,
-                                                       image_size=settings.image_size)
+                                                       image_size=settings.image_size, suite=settings.suite)
         if lead:
           imagined_gif(os.path.join(out, 'imagined', f'{ckpt.file_name}_{kind}_{settings.seed + index}.gif'),
                        instruction, real, imagined)
@@ -479,17 +511,21 @@ def watch(workdir: str, out: str, settings: Settings, *, poll_seconds: float, ti
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(
-      prog='lapa evaluate', description='Held-out metrics, closed-loop success in the built-in world and '
-      'imagined rollouts of VLA checkpoints; results.jsonl/.md, success.png and GIFs in --out (resumable).')
+      prog='lapa evaluate', description='Held-out metrics, closed-loop success in the built-in world or on '
+      'Meta-World, and imagined rollouts of VLA checkpoints; results.jsonl/.md, success.png and GIFs in --out '
+      '(resumable).')
   parser.add_argument('checkpoints', nargs='*', help='workdirs (globs allowed), WORKDIR@STEP for one checkpoint')
   parser.add_argument('--watch', metavar='WORKDIR', help='evaluate each new checkpoint of this run as it appears')
   parser.add_argument('--out', required=True, help='output directory')
-  parser.add_argument('--episodes', type=int, default=10, help='closed-loop episodes per task kind (default 10)')
-  parser.add_argument('--kinds', default=','.join(TASK_KINDS), help='task kinds, comma-separated (default: all)')
+  parser.add_argument('--env', default='world',
+                      help='world (default) or metaworld:<mt10|mt3|task,task,...> (pip install -e .[metaworld])')
+  parser.add_argument('--episodes', type=int, default=10, help='closed-loop episodes per task (default 10)')
+  parser.add_argument('--kinds', default='', help="tasks of --env, comma-separated (default: all the env's)")
   parser.add_argument('--seed', type=int, default=1000, help='seed of the first episode of each kind')
   parser.add_argument('--gifs', type=int, default=1, help='rollout GIFs per checkpoint and task kind')
-  parser.add_argument('--max-steps', type=int, default=world.MAX_STEPS, help='episode length limit')
-  parser.add_argument('--image-size', type=int, default=64, help='camera images of the world (as `lapa world`)')
+  parser.add_argument('--max-steps', type=int, default=None,
+                      help=f'episode length limit (default: world {world.MAX_STEPS}, Meta-World 125 control steps)')
+  parser.add_argument('--image-size', type=int, default=64, help='camera images of the env (as `lapa world`)')
   parser.add_argument('--offline-batches', type=int, default=4, help='held-out batches (0: none)')
   parser.add_argument('--imagined', type=int, default=2, help='imagined rollouts per latent checkpoint')
   parser.add_argument('--temperature', type=float, default=0.0, help='0: greedy (default); > 0 samples')
@@ -499,21 +535,26 @@ def main(argv: list[str]) -> int:
                       help='--watch: stop after this many seconds without a new checkpoint')
   args = parser.parse_args(argv)
   try:
-    kinds = tuple(k.strip() for k in args.kinds.split(',') if k.strip())
-    if unknown := [k for k in kinds if k not in TASK_KINDS]:
-      raise ValueError(f'--kinds: unknown task kind(s) {unknown}; expected some of {TASK_KINDS}')
+    suite = suites.parse(args.env)
+    if args.kinds.strip():  # a subset, named as the env names its tasks
+      kinds = suites.parse(f'{suite.family}:{args.kinds}').tasks
+      if unknown := [k for k in kinds if k not in suite.tasks]:
+        raise ValueError(f'--kinds: {unknown} not among {args.env} tasks {suite.tasks}')
+    else:
+      kinds = suite.tasks
     if args.episodes < 1:
       raise ValueError(f'--episodes: expected a positive number, got {args.episodes}')
     if not args.checkpoints and not args.watch:
       raise ValueError('give checkpoints to evaluate, or --watch WORKDIR')
-    settings = Settings(kinds=kinds, episodes=args.episodes, seed=args.seed, gifs=args.gifs,
-                        max_steps=args.max_steps, image_size=args.image_size, offline_batches=args.offline_batches, imagined=args.imagined)
+    settings = Settings(kinds=kinds, episodes=args.episodes, seed=args.seed, gifs=args.gifs, max_steps=args.max_steps,
+                        image_size=args.image_size, offline_batches=args.offline_batches, imagined=args.imagined,
+                        env=args.env)
     options = dict(temperature=args.temperature, top_k=args.top_k)
     if args.checkpoints:
       run(find_checkpoints(args.checkpoints), args.out, settings, **options)
     if args.watch:
       watch(args.watch, args.out, settings, poll_seconds=args.poll, timeout_seconds=args.watch_timeout, **options)
-  except (FileNotFoundError, KeyError, ValueError) as error:
+  except (ImportError, KeyError, OSError, ValueError) as error:
     print(f'lapa evaluate: error: {error.args[0] if isinstance(error, KeyError) else error}', file=sys.stderr)
     return 2
   if jax.process_index() == 0:

@@ -127,12 +127,13 @@ def resolve(data_dir: str, mixture: str | Sequence, *, skip_missing: bool = Fals
 
 
 def _suggestions(data_dir: str, missing: Sequence[str]) -> str:
-  """'; did you mean ...' from the datasets in `data_dir`, the registry and the named mixtures."""
+  """'; did you mean ...' from the datasets in `data_dir`, else the registry and the named mixtures."""
   present = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
-  known = present + sorted(set(oxe.REGISTRY) | set(NAMED_MIXTURES))
+  known = sorted(set(oxe.REGISTRY) | set(NAMED_MIXTURES))
   hints = []
   for name in missing:
-    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    close = (difflib.get_close_matches(name, present, n=2, cutoff=0.6) or
+             difflib.get_close_matches(name, known, n=2, cutoff=0.6))
     if close:
       hints.append(f'{name}: did you mean {" or ".join(map(repr, close))}?')
   where = f' ({data_dir} holds {", ".join(present[:8])}{", ..." if len(present) > 8 else ""})' if present else ''

@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds
 from lapa_jax.data import pairs  # the one rounding rule for frame offsets lives there
 from lapa_jax.data import rlds
 from lapa_jax.data import standardize as std
+from lapa_jax.envs import metaworld as metaworld_env  # numpy only: its dataset spec, for the registry
 
 DataError = rlds.DataError
 SPEC_FILE = 'lapa_spec.json'
@@ -571,6 +572,14 @@ def episode_bytes(dataset: Dataset, split: str = 'train') -> float:
   """Mean on-disk bytes of one episode of `split` (all fields), from dataset_info.json."""
   info = dataset.builder.info.splits[split.split('[')[0]]
   return info.num_bytes / max(1, info.num_examples)
+
+
+# lapa_jax's own Meta-World datasets (`lapa world --env metaworld:mt10|mt3`), readable by name in a
+# mixture like the Open-X ones: 20 Hz after the action repeat, actions already Open-X 7-D.
+for _suite in metaworld_env.SUITES:
+  for _embodiment in ('robot', 'video'):
+    register(spec_from_dict(metaworld_env.dataset_spec(actions=_embodiment == 'robot'),
+                            f'metaworld_{_suite}_{_embodiment}', 'the Meta-World registry entry'))
 
 
 def default_frame_offset(spec: DatasetSpec, robot_seconds: float = 0.6, human_seconds: float = 2.4) -> int:

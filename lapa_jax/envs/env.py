@@ -3,7 +3,7 @@
     env = TabletopEnv('robot', image_size=64)
     obs = env.reset(seed)                    # {'image': (64, 64, 3) uint8}
     obs, reward, done, info = env.step(env.expert_action(rng))
-    env.instruction, info['success']
+    env.instruction, info['success'], env.goal_distance()
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ class TabletopEnv:
     return render.render(self._require_state(), self.embodiment, self.image_size)
 
   @property
+  def task(self) -> str:
+    """The episode's task kind."""
+    return self._require_state().task.kind
+
+  @property
   def instruction(self) -> str:
     return world.instruction(self._require_state())
 
@@ -64,6 +69,13 @@ class TabletopEnv:
     self.done = success or self.state.step >= self.max_steps
     info = {'success': success, 'step': self.state.step}
     return self.observation(), float(success), self.done, info
+
+  def goal_distance(self) -> float:
+    """How far the task's object is from its goal, table units (world.goal_distance)."""
+    return world.goal_distance(self._require_state())
+
+  def close(self) -> None:
+    """Nothing to release (the interface of envs.metaworld.MetaWorldEnv)."""
 
   def expert_action(self, rng: np.random.Generator | None = None,
                     noise: float = expert.NOISE) -> np.ndarray:
