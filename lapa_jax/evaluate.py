@@ -122,9 +122,10 @@ class Episode:
 
   @property
   def progress(self) -> float:
-    if self.success:
-      return 1.0
-    return float(np.clip(1.0 - self.final_distance / max(self.start_distance, 1e-9), 0.0, 1.0))
+    """1 - final / initial distance to the goal; success itself where the task has no distance."""
+    if self.success or not (self.start_distance > 0 and math.isfinite(self.final_distance)):
+      return float(self.success)
+    return float(np.clip(1.0 - self.final_distance / self.start_distance, 0.0, 1.0))
 
 
 def episode_seeds(kinds: Sequence[str], episodes: int, seed: int) -> list[tuple[str, int]]:
@@ -178,9 +179,10 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
 def summarize(episodes: Sequence[Episode]) -> dict[str, Any]:
   successes = sum(e.success for e in episodes)
   low, high = wilson_interval(successes, len(episodes))
+  distances = [e.final_distance for e in episodes if math.isfinite(e.final_distance)]  # none: the task has none
   return {'episodes': len(episodes), 'success': successes / max(len(episodes), 1), 'success_low': low,
           'success_high': high, 'progress': float(np.mean([e.progress for e in episodes])),
-          'final_distance': float(np.mean([e.final_distance for e in episodes])),
+          'final_distance': float(np.mean(distances)) if distances else None,
           'steps': float(np.mean([e.steps for e in episodes]))}
 
 
@@ -416,7 +418,7 @@ def plot_success(out: str, records: Sequence[dict]) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  kinds: tuple[str, ...] = world.TASK_KINDS   # the tasks of `env` to run
+  kinds: tuple[str, ...] = ()                 # the tasks of `env` to run (default: all of them)
   episodes: int = 10
   seed: int = 1000
   gifs: int = 1
@@ -431,10 +433,14 @@ class Settings:
   def suite(self) -> suites.Suite:
     return suites.parse(self.env)
 
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return self.kinds or self.suite.tasks
+
 
 def evaluate_checkpoint(ckpt: Checkpoint, out: str, settings: Settings, done: set, **policy_options) -> list[dict]:
   """Evaluates what `done` ({(workdir, step, task kind)}) lacks; returns the new result records."""
-  kinds = [k for k in settings.kinds if (ckpt.workdir, ckpt.step, k) not in done]
+  kinds = [k for k in settings.tasks if (ckpt.workdir, ckpt.step, k) not in done]
   wants_offline = (ckpt.workdir, ckpt.step, OFFLINE) not in done
   if not kinds and not wants_offline:
     return []
@@ -458,7 +464,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, out: str, settings: Settings, done: se
     if policy.laq and os.path.isdir(policy.laq['workdir']):
       for index in range(settings.imagined):
         # Every process loads the LAQ (orbax restores are collective); process 0 writes.
-        kind = settings.kinds[index % len(settings.kinds)]
+        kind = settings.tasks[index % len(settings.tasks)]
         instruction, real, imagined = imagined_rollout(policy, settings.seed + index, kind,
                                                        image_size=settings.image_size, suite=settings.suite)
         if lead:

@@ -180,7 +180,7 @@ class MetaWorldEnv:
     self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
     self._obs = None
     self.seed, self.steps, self.done, self.success = None, 0, False, False
-    self._distance = 0.0
+    self._distance, self._measured = 0.0, False
 
   @property
   def fps(self) -> float:
@@ -199,7 +199,9 @@ class MetaWorldEnv:
     self._obs, _ = self._env.reset()
     _, info = self._env.evaluate_state(self._obs, np.zeros(4, np.float32))
     self.seed, self.steps, self.done, self.success = int(seed), 0, False, False
-    self.start_distance = self._distance = float(info['obj_to_target'])
+    # A few tasks (door-open, hammer, assembly, box-close, disassemble) report no distance (always 0).
+    self._measured = float(info['obj_to_target']) > 0
+    self._distance = float(info['obj_to_target'])
     return self.observation()
 
   def observation(self) -> dict[str, np.ndarray]:
@@ -232,9 +234,10 @@ class MetaWorldEnv:
     return self.observation(), float(self.success), self.done, {'success': self.success, 'step': self.steps}
 
   def goal_distance(self) -> float:
-    """How far the task's object (the hand for reach) is from its goal, metres (Meta-World's obj_to_target)."""
+    """How far the task's object (the hand for reach) is from its goal, metres (Meta-World's
+    obj_to_target); NaN for the tasks whose Meta-World reward reports no distance."""
     self._require_reset()
-    return self._distance
+    return self._distance if self._measured else float('nan')
 
   def expert_action(self, rng: np.random.Generator | None = None, noise: float = NOISE) -> np.ndarray:
     """Meta-World's scripted expert's action for the current state, held for the control step, with

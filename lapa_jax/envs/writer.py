@@ -38,8 +38,6 @@ from lapa_jax.envs.env import TabletopEnv
 DATASET_VERSION = '1.0.0'
 PAIR_SECONDS = 0.6            # LAQ frame-pair window for both embodiments
 SPEC_FILE = 'lapa_spec.json'   # read by lapa_jax.data.oxe.spec_from_metadata
-
-
 METAWORLD_EMBODIMENTS = ('robot', 'video')
 METAWORLD_SEED_BASE = 100_000    # Meta-World data seeds start here; evaluation uses seeds below it
 
