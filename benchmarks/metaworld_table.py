@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 
 from lapa_jax import evaluate, host_memory  # noqa: E402
 from lapa_jax.envs import suites, writer  # noqa: E402
-from paper_table import SIZES, _preset_steps, aggregate, claims, finished, lapa, tasks_of, write_outputs  # noqa: E402
+from paper_table import (SIZES, _preset_steps, add_schedule_arguments, aggregate, claims, finished, lapa,  # noqa: E402
+                         parse_schedule, tasks_of, write_outputs)
 
 METHODS = ('scratch', 'actionvla', 'lapa')
 
@@ -98,23 +99,16 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='/tmp/lapa_metaworld_table')
   parser.add_argument('--env', default='metaworld:mt10', help='metaworld:<mt10|mt3|task,task,...>')
-  parser.add_argument('--size', choices=tuple(SIZES), default='demo')
-  parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--video-episodes', type=int, default=500, help='action-free episodes (the tasks in turn)')
   parser.add_argument('--robot-episodes', type=int, default=55,
                       help='labelled demos for finetuning, 10%% of them held out (default: 5 per MT10 task)')
   parser.add_argument('--episodes', type=int, default=10, help='closed-loop episodes per task')
   parser.add_argument('--max-steps', type=int, default=60, help='control steps per episode (20 Hz)')
-  for kind in ('tokenizer', 'laq', 'pretrain', 'finetune'):
-    parser.add_argument(f'--{kind}-steps', type=int, default=0, help=f'{kind} steps (default: the preset\'s)')
-  parser.add_argument('--laq-override', action='append', default=[], dest='laq_overrides',
-                      help='--config.x=y for the LAQ, e.g. --laq-override=--config.model.codebook_size=16')
+  add_schedule_arguments(parser)
   args = parser.parse_args()
   if suites.parse(args.env).family != 'metaworld':
     parser.error(f'--env {args.env}: expected metaworld:<suite or tasks> (benchmarks/paper_table.py runs the world)')
-  host_memory.warn_if_missing('metaworld_table.py')  # as `lapa` does
-  args.seeds = [int(seed) for seed in args.seeds.split(',')]
-  args.steps = {kind: getattr(args, f'{kind}_steps') for kind in ('tokenizer', 'laq', 'pretrain', 'finetune')}
+  parse_schedule(args, 'metaworld_table.py')
   start, seconds = time.perf_counter(), {}
   finetuned = run_all(args, seconds)
   evaluation = time.perf_counter()

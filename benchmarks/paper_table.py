@@ -182,22 +182,35 @@ def write_outputs(out: str, table: dict[str, dict], seeds: list[int], kinds: lis
   plt.close(figure)
 
 
+STAGES = ('tokenizer', 'laq', 'pretrain', 'finetune')
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+  """--size, --seeds, --<stage>-steps and --laq-override: what this script and metaworld_table.py share."""
+  parser.add_argument('--size', choices=tuple(SIZES), default='demo')
+  parser.add_argument('--seeds', default='0,1,2')
+  for kind in STAGES:
+    parser.add_argument(f'--{kind}-steps', type=int, default=0, help=f'{kind} steps (default: the preset\'s)')
+  parser.add_argument('--laq-override', action='append', default=[], dest='laq_overrides',
+                      help='--config.x=y for the LAQs, e.g. --laq-override=--config.model.codebook_size=16')
+
+
+def parse_schedule(args: argparse.Namespace, script: str) -> None:
+  """args.seeds as ints, args.steps {stage: steps or 0}; warns once, as `lapa` does, without huge pages."""
+  host_memory.warn_if_missing(script)
+  args.seeds = [int(seed) for seed in args.seeds.split(',')]
+  args.steps = {kind: getattr(args, f'{kind}_steps') for kind in STAGES}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='/tmp/lapa_paper_table')
-  parser.add_argument('--size', choices=tuple(SIZES), default='demo')
-  parser.add_argument('--seeds', default='0,1,2')
   parser.add_argument('--video-episodes', type=int, default=400, help='action-free robot and hand episodes, each')
   parser.add_argument('--robot-episodes', type=int, default=40, help='labelled robot episodes for finetuning')
   parser.add_argument('--episodes', type=int, default=20, help='closed-loop episodes per task kind')
-  for kind in ('tokenizer', 'laq', 'pretrain', 'finetune'):
-    parser.add_argument(f'--{kind}-steps', type=int, default=0, help=f'{kind} steps (default: the preset\'s)')
-  parser.add_argument('--laq-override', action='append', default=[], dest='laq_overrides',
-                      help='--config.x=y for both LAQs, e.g. --laq-override=--config.model.codebook_size=16')
+  add_schedule_arguments(parser)
   args = parser.parse_args()
-  host_memory.warn_if_missing('paper_table.py')  # as `lapa` does
-  args.seeds = [int(seed) for seed in args.seeds.split(',')]
-  args.steps = {kind: getattr(args, f'{kind}_steps') for kind in ('tokenizer', 'laq', 'pretrain', 'finetune')}
+  parse_schedule(args, 'paper_table.py')
   start = time.perf_counter()
   finetuned = run_all(args)
   training_seconds = time.perf_counter() - start

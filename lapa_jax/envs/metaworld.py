@@ -179,12 +179,8 @@ class MetaWorldEnv:
     self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
     self._renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
     self._obs = None
-    self.seed, self.steps, self.done, self.success = None, 0, False, False
+    self.steps, self.done, self.success = 0, False, False
     self._distance, self._measured = 0.0, False
-
-  @property
-  def fps(self) -> float:
-    return SIM_FPS / self.action_repeat
 
   @property
   def instruction(self) -> str:
@@ -198,7 +194,7 @@ class MetaWorldEnv:
     self._env.set_task(configuration(self.task, seed))
     self._obs, _ = self._env.reset()
     _, info = self._env.evaluate_state(self._obs, np.zeros(4, np.float32))
-    self.seed, self.steps, self.done, self.success = int(seed), 0, False, False
+    self.steps, self.done, self.success = 0, False, False
     # A few tasks (door-open, hammer, assembly, box-close, disassemble) report no distance (always 0).
     self._measured = float(info['obj_to_target']) > 0
     self._distance = float(info['obj_to_target'])
