@@ -5,14 +5,17 @@
 1. Writes the built-in world's robot episodes (with expert actions) as RLDS, unless present.
 2. Trains `configs/laq.py:demo` on them with `lapa train`'s loop (resumes if the workdir has a run).
 3. On held-out pairs reports (a) reconstruction PSNR against copying x_t, (b) codebook perplexity,
-   overall and per code position (8 = every code used equally), and (c) action purity: each code
+   overall and per code position (codebook_size = every code used equally), and (c) action purity: each code
    tuple seen on the train pairs is mapped to the majority compass direction (8 sectors) of the
    expert's summed (dx, dy) over the pair; purity is the accuracy of that map on held-out pairs
    (chance 12.5%). Pairs whose effector barely moves have no direction and are left out (their
    share is reported); held-out tuples never seen in training count as wrong.
 
-Targets (issue 3): purity >= 0.7 and perplexity >= 6 of 8 per position, training <= 15 min on
-2 CPU cores. Prints one JSON line.
+Targets (issue 3): purity >= 0.7 and perplexity >= 3/4 of the codebook per position, training
+<= 15 min on 2 CPU cores. Prints one JSON line. Measured (2-core CPU, 1600 steps, 7.5 min): purity
+0.56, perplexity 13.5 of 16; `--config.model.codebook_size=32`: 0.58; the paper's 8 codes x 4
+positions (`--config.model.code_seq_len=4 --config.model.codebook_size=8`): 0.37, and 0.14 at 800
+steps with lr 1e-3 and without `predict_change`, where the decoder ignores the codes.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from lapa_jax.train import laq as laq_stage  # noqa: E402
 from lapa_jax.train import loop  # noqa: E402
 
 DIRECTIONS = 8
-PURITY_TARGET, PERPLEXITY_TARGET = 0.7, 6.0
+PURITY_TARGET, PERPLEXITY_FRACTION_TARGET = 0.7, 0.75
 
 
 def compass_sector(displacement: np.ndarray) -> np.ndarray:
@@ -125,13 +128,14 @@ def main() -> None:
   per_position = [float(nsvq.perplexity(counts(test_codes[:, p]))) for p in range(test_codes.shape[1])]
   result = {
       'benchmark': 'laq_quality', 'preset': 'demo', 'steps': int(state.step), 'train_seconds': round(train_seconds, 1),
-      'test_pairs': len(test_video), 'psnr': float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))),
+      'codebook_size': config.model.codebook_size, 'code_seq_len': config.model.code_seq_len, 'test_pairs': len(test_video), 'psnr': float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))),
       'copy_psnr': float(np.mean(-10 * np.log10(np.maximum(copy_mse, 1e-10)))),
       'psnr_of_mean_mse': float(-10 * np.log10(mse.mean())), 'copy_psnr_of_mean_mse': float(-10 * np.log10(copy_mse.mean())),
       'perplexity': float(nsvq.perplexity(counts(test_codes))), 'perplexity_per_position': per_position,
       **purity(train_codes, train_moves, test_codes, test_moves, args.min_motion),
   }
-  result['meets_targets'] = bool(result['action_purity'] >= PURITY_TARGET and min(per_position) >= PERPLEXITY_TARGET)
+  result['meets_targets'] = bool(result['action_purity'] >= PURITY_TARGET
+                                and min(per_position) >= PERPLEXITY_FRACTION_TARGET * config.model.codebook_size)
   result.update(cpu_count=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2),
                 huge_pages=host_memory.huge_pages_requested())
   print(json.dumps(result))

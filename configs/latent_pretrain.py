@@ -55,6 +55,8 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     config.update(batch_size=64, total_steps=10_000, eval_every=1000, checkpoint_every=1000)
   elif size == 'demo':
     config.update(batch_size=32, total_steps=600, eval_every=300, checkpoint_every=300)
+    if config.target == 'latent':
+      config.model.latent_vocab_size = 16  # configs/laq.py:demo's codebook (one code of 16)
   elif size == 'tiny':
     config.update(batch_size=16, total_steps=60, eval_every=0, checkpoint_every=60, log_every=10)
     config.optim.update(lr=3e-3, warmup_steps=5)

@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
   export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 OUT="${DEMO_DIR:-demo_out}"
 EPISODES="${DEMO_EPISODES:-200}"
-LAQ_STEPS="${DEMO_LAQ_STEPS:-2000}"   # the demo preset's full schedule: ~15 min on 2 CPU cores (14.4 measured)
+LAQ_STEPS="${DEMO_LAQ_STEPS:-1600}"   # the demo preset's full schedule: ~8 min on 2 CPU cores
 ROBOT="$OUT/data/lapa_world_robot/1.0.0"
 mkdir -p "$OUT"
 

@@ -77,6 +77,25 @@ def test_training_noise_depends_on_the_rng_only(built):
   assert not np.allclose(run(0), run(1))
 
 
+def test_predict_change_adds_the_decoder_output_to_x_t(built):
+  """The same params predict x_{t+H} directly or as x_t + the decoder's output, in training, labelling
+  and decode_codes alike; the codes do not depend on it."""
+  params, video = built.params, built.video
+  change = laq.LatentActionQuantizer(**TINY, variant=built.model.variant, predict_change=True)
+  direct, residual = built.forward(params, video), jax.jit(change.apply)(params, video)
+  np.testing.assert_allclose(residual['recon'], direct['recon'] + video[:, 0], atol=1e-5)
+  np.testing.assert_array_equal(residual['indices'], direct['indices'])
+  decoded = change.apply(params, video[:, 0], direct['indices'], method=change.decode_codes)
+  np.testing.assert_allclose(decoded, residual['recon'], atol=1e-5)
+
+
+def test_configs_without_predict_change_still_load():
+  """Runs saved before the field existed have no model.predict_change in their config.json."""
+  config = dict(TINY, channels=3, ff_mult=4.0, variant='lapa', remat=False)
+  assert laq.from_config(config).predict_change is False
+  assert laq.from_config({**config, 'predict_change': True}).predict_change is True
+
+
 def test_remat_keeps_the_gradient():
   layer = lambda remat: layers.Transformer(1, 'space', heads=2, head_dim=8, ff_hidden_dim=16, remat=remat)
   x = jax.random.normal(jax.random.key(0), (2, 1, 4, 4, 16))

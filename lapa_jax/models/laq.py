@@ -6,13 +6,20 @@
       -> NSVQ: latent action d = z(x_{t+H}) - z(x_t), nearest code per position  (batch, code_seq_len)
       -> decoder: queries = stop-gradient patch embeddings of x_t, cross-attending to the projected
          codes; spatial transformer with the same position bias; Dense to pixels
-      -> reconstruction of x_{t+H} (batch, image, image, channels)
+      -> reconstruction of x_{t+H} (batch, image, image, channels), or with `predict_change` the
+         change x_{t+H} - x_t, added to x_t
 
 `variant='lapa'` is the model the paper describes: causal temporal attention (x_t's stream never
 sees x_{t+H}), correct PEG and code layouts, self-attention keys/values from the normalised input.
 `variant='official'` reproduces the released PyTorch code exactly (reference §1.3, §1.6, §1.11) so
 its weights give the same codes: bidirectional temporal attention, the temporal PEG reshape, the
 NSVQ decode reshape and keys/values from the un-normalised input.
+
+`predict_change=True` (not in the paper) has the decoder predict x_{t+H} - x_t instead of x_{t+H}.
+Where the action moves a few pixels of a static scene (the built-in world), a decoder that must
+first learn to redraw x_t gains almost nothing from the codes, learns to ignore them, and the
+encoder then gets no gradient to put the action in them; predicting the change leaves the codes
+as the only way to lower the loss.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ VARIANTS = ('lapa', 'official')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 MODEL_FIELDS = ('dim', 'quant_dim', 'codebook_size', 'image_size', 'patch_size', 'spatial_depth', 'temporal_depth',
                 'decoder_depth', 'heads', 'head_dim', 'channels', 'code_seq_len', 'ff_mult', 'variant', 'remat')
+OPTIONAL_FIELDS = {'predict_change': False}  # absent from the configs of runs made before the field existed
 
 
 def from_config(model_config, dtype: str = 'float32') -> 'LatentActionQuantizer':
@@ -41,7 +49,9 @@ def from_config(model_config, dtype: str = 'float32') -> 'LatentActionQuantizer'
   missing = [name for name in MODEL_FIELDS if name not in model_config]
   if missing:
     raise KeyError(f'config group model: missing field(s) {", ".join(missing)}')
-  return LatentActionQuantizer(**{name: model_config[name] for name in MODEL_FIELDS}, dtype=DTYPES[dtype])
+  optional = {name: model_config.get(name, default) for name, default in OPTIONAL_FIELDS.items()}
+  return LatentActionQuantizer(**{name: model_config[name] for name in MODEL_FIELDS}, **optional,
+                               dtype=DTYPES[dtype])
 
 
 class LatentActionQuantizer(nn.Module):
@@ -59,6 +69,7 @@ class LatentActionQuantizer(nn.Module):
   code_seq_len: int = 4
   ff_mult: float = 4.0
   variant: str = 'lapa'
+  predict_change: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -112,12 +123,14 @@ class LatentActionQuantizer(nn.Module):
     tokens = self.encoder_time(tokens)
     return tokens[:, 0], tokens[:, 1]
 
-  def decode(self, first_tokens: jax.Array, context: jax.Array) -> jax.Array:
-    """x_t patch tokens (batch, 1, grid, grid, embed) + code context (batch, code_seq_len, embed) -> pixels."""
+  def decode(self, first_frame: jax.Array, first_tokens: jax.Array, context: jax.Array) -> jax.Array:
+    """x_t (batch, image, image, channels) and its patch tokens (batch, 1, grid, grid, embed) + code context
+    (batch, code_seq_len, embed) -> the x_{t+H} guess (batch, image, image, channels)."""
     queries = jax.lax.stop_gradient(first_tokens)
     out = self.decoder(queries, bias=self.position_bias(self.grid_size, self.grid_size), context=context)
     pixels = self.to_pixels(out[:, 0]).astype(jnp.float32)
-    return einops.rearrange(pixels, 'b h w (c p1 p2) -> b (h p1) (w p2) c', p1=self.patch_size, p2=self.patch_size)
+    pixels = einops.rearrange(pixels, 'b h w (c p1 p2) -> b (h p1) (w p2) c', p1=self.patch_size, p2=self.patch_size)
+    return pixels + first_frame.astype(jnp.float32) if self.predict_change else pixels
 
   def __call__(self, video: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
     """video (batch, 2, image, image, channels) in [0, 1] -> {'recon' (batch, image, image, channels),
@@ -129,7 +142,7 @@ class LatentActionQuantizer(nn.Module):
     tokens = self.embed_patches(video)
     first, last = self.encode(tokens)
     context, indices, aux = self.quantizer(first, last, train=train)
-    return {'recon': self.decode(tokens[:, :1], context), 'indices': indices, **aux}
+    return {'recon': self.decode(video[:, 0], tokens[:, :1], context), 'indices': indices, **aux}
 
   def codes(self, video: jax.Array) -> jax.Array:
     """Labelling: video (batch, 2, image, image, channels) -> nearest code indices (batch, code_seq_len)."""
@@ -140,4 +153,4 @@ class LatentActionQuantizer(nn.Module):
   def decode_codes(self, first_frame: jax.Array, indices: jax.Array) -> jax.Array:
     """What the given codes do to x_t: (batch, image, image, channels) + (batch, code_seq_len) -> x_{t+H} guess."""
     tokens = self.embed_patches(first_frame[:, None])
-    return self.decode(tokens, self.quantizer.decode_codes(indices))
+    return self.decode(first_frame, tokens, self.quantizer.decode_codes(indices))
