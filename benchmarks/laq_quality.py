@@ -128,7 +128,8 @@ def main() -> None:
   per_position = [float(nsvq.perplexity(counts(test_codes[:, p]))) for p in range(test_codes.shape[1])]
   result = {
       'benchmark': 'laq_quality', 'preset': 'demo', 'steps': int(state.step), 'train_seconds': round(train_seconds, 1),
-      'codebook_size': config.model.codebook_size, 'code_seq_len': config.model.code_seq_len, 'test_pairs': len(test_video), 'psnr': float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))),
+      'codebook_size': config.model.codebook_size, 'code_seq_len': config.model.code_seq_len,
+      'test_pairs': len(test_video), 'psnr': float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10)))),
       'copy_psnr': float(np.mean(-10 * np.log10(np.maximum(copy_mse, 1e-10)))),
       'psnr_of_mean_mse': float(-10 * np.log10(mse.mean())), 'copy_psnr_of_mean_mse': float(-10 * np.log10(copy_mse.mean())),
       'perplexity': float(nsvq.perplexity(counts(test_codes))), 'perplexity_per_position': per_position,

@@ -17,9 +17,9 @@ NSVQ decode reshape and keys/values from the un-normalised input.
 
 `predict_change=True` (not in the paper) has the decoder predict x_{t+H} - x_t instead of x_{t+H}.
 Where the action moves a few pixels of a static scene (the built-in world), a decoder that must
-first learn to redraw x_t gains almost nothing from the codes, learns to ignore them, and the
-encoder then gets no gradient to put the action in them; predicting the change leaves the codes
-as the only way to lower the loss.
+first learn to redraw x_t settles on a blurred copy that ignores the codes, and the encoder then
+gets no gradient to put the action in them; predicting the change makes the change, which the
+codes describe, all the decoder has to learn.
 """
 
 from __future__ import annotations
