@@ -150,7 +150,9 @@ def test_latent_pretrain_presets(arg):
   if 'actionvla' in arg:
     assert config.target == 'action' and model_config.action_vocab_size == 256 and model_config.latent_vocab_size == 0
   else:
-    laq_codebook = config_lib.load(f'{CONFIGS}/laq.py:{arg.split(",")[0]}').model.codebook_size if 'demo' in arg else 8
+    # The demo's latent vocabulary is the demo LAQ's codebook; the others keep the paper's 8.
+    laq_preset = 'demo' if arg.startswith('demo') else 'paper'
+    laq_codebook = config_lib.load(f'{CONFIGS}/laq.py:{laq_preset}').model.codebook_size
     assert config.target == 'latent' and model_config.latent_vocab_size == laq_codebook
   with pytest.raises(ValueError, match='unknown method'):
     config_lib.load(f'{CONFIGS}/latent_pretrain.py:demo,vpt')
