@@ -136,6 +136,23 @@ for _name in ('absl', 'asyncio'):
   logging.getLogger(_name).addFilter(_DropOrbaxErrors())
 
 
+def _drop_late_read_callbacks(previous_hook):
+  """When one array of a step fails to read, orbax's event loop closes while TensorStore still reads
+  the others; each of those reads then reports 'Event loop is closed' from a TensorStore thread
+  (a traceback per array), although nothing waits for it any more. The read error itself is
+  reported once, by `Checkpointer._read`."""
+  def hook(unraisable) -> None:
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    late = (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == 'Event loop is closed'
+            and bool(frames) and frames[0].name == 'call_soon_threadsafe')
+    if not late or os.environ.get('LAPA_DEBUG') == '1':
+      previous_hook(unraisable)
+  return hook
+
+
+sys.unraisablehook = _drop_late_read_callbacks(sys.unraisablehook)
+
+
 def _warn(message: str) -> None:
   if jax.process_index() == 0:
     print(message, file=sys.stderr, flush=True)
@@ -206,7 +223,8 @@ class Checkpointer:
       if isinstance(error, CheckpointWriteError) or self._saving is None:
         raise
       failed, self._saving = self._saving, None
-      intact = [step for step in self._manager.all_steps(read=True) if step < failed]
+      self._manager.reload()  # the steps on disk, not the manager's cached list
+      intact = [step for step in self._manager.all_steps() if step < failed]
       previous = f'step {max(intact)} is intact' if intact else 'no earlier checkpoint exists'
       raise CheckpointWriteError(f'checkpoint step {failed} could not be written in {self.directory} '
                                  f'({short_reason(error)}); {previous}') from error
