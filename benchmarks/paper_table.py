@@ -1,7 +1,7 @@
 """The paper's comparison in miniature, on the built-in world: SCRATCH, ACTIONVLA, LAPA, LAPA (hand).
 
-    python benchmarks/paper_table.py --out /tmp/paper_table                  # demo sizes, seeds 0,1,2
-    python benchmarks/paper_table.py --out /tmp/pt --size tiny --seeds 0,1   # minutes: a smoke run
+    python benchmarks/paper_table.py --out /tmp/paper_table                 # demo sizes, seeds 0,1,2: 90 min on 2 cores
+    python benchmarks/paper_table.py --out /tmp/pt --size tiny --seeds 0,1  # minutes: a smoke run
 
 As in the paper, many action-free videos pretrain and few labelled robot episodes finetune:
   data        `--video-episodes` robot episodes (their actions unused except by ACTIONVLA, the upper
