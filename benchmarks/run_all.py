@@ -135,7 +135,7 @@ def why_not_run(name: str, minutes: int, when: str, only: list[str] | None, incl
   if when == 'slow' and not include_slow:
     return f'not run: slow (~{minutes} min), --include-slow runs it'
   if when == 'named':
-    return f'not run: takes hours (~{minutes // 60} h), --only {name} runs it'
+    return f'not run: long (~{minutes} min), --only {name} runs it'
   return None
 
 
