@@ -1,6 +1,6 @@
 """The paper's comparison in miniature, on the built-in world: SCRATCH, ACTIONVLA, LAPA, LAPA (hand).
 
-    python benchmarks/paper_table.py --out /tmp/paper_table                 # demo sizes, seeds 0,1,2: 90 min on 2 cores
+    python benchmarks/paper_table.py --out /tmp/paper_table                 # demo sizes, seeds 0,1,2: 90 min
     python benchmarks/paper_table.py --out /tmp/pt --size tiny --seeds 0,1  # minutes: a smoke run
 
 As in the paper, many action-free videos pretrain and few labelled robot episodes finetune:

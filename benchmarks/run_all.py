@@ -9,7 +9,8 @@ collects the JSON lines it prints and writes REPORT.md and REPORT.json into --ou
 date, each run's exact command, time and load average, its headline figures with their ratio to the
 recorded references (the official PyTorch LAQ, HF transformers' LLaMA, decode-only input, the issues'
 targets), and every JSON line. A benchmark that fails or times out is reported with its last stderr
-line; the report is written anyway. paper_table.py takes 90 minutes on 2 cores and runs only when --only names it.
+line; the report is written anyway. paper_table.py takes 90 minutes on 2 cores and runs only when
+--only names it.
 
 This script imports no JAX and does no work of its own while a benchmark runs, so it neither slows
 the benchmarks nor takes long to start.
