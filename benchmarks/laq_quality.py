@@ -5,8 +5,8 @@
 1. Writes the built-in world's robot episodes (with expert actions) as RLDS, unless present.
 2. Trains `configs/laq.py:demo` on them with `lapa train`'s loop (resumes if the workdir has a run).
 3. On held-out pairs reports (a) reconstruction PSNR against copying x_t, (b) codebook perplexity,
-   overall and per code position (codebook_size = every code used equally), and (c) action purity: each code
-   tuple seen on the train pairs is mapped to the majority compass direction (8 sectors) of the
+   overall and per code position (codebook_size = every code used equally), and (c) action purity:
+   each code tuple seen on the train pairs is mapped to the majority compass direction (8 sectors) of the
    expert's summed (dx, dy) over the pair; purity is the accuracy of that map on held-out pairs
    (chance 12.5%). Pairs whose effector barely moves have no direction and are left out (their
    share is reported); held-out tuples never seen in training count as wrong.
@@ -14,8 +14,8 @@
 Targets (issue 3): purity >= 0.7 and perplexity >= 3/4 of the codebook per position, training
 <= 15 min on 2 CPU cores. Prints one JSON line. Measured (2-core CPU, 1600 steps, 7.5 min): purity
 0.56, perplexity 13.5 of 16; `--config.total_steps=3200` (15.5 min): 0.62;
-`--config.model.codebook_size=32`: 0.58; `--config.data.frame_offsets=6`: 0.42; the paper's 8 codes x 4
-positions (`--config.model.code_seq_len=4 --config.model.codebook_size=8`): 0.37, and 0.14 at 800
+`--config.model.codebook_size=32`: 0.58; `--config.data.frame_offsets=6`: 0.42; the paper's 8 codes
+x 4 positions (`--config.model.code_seq_len=4 --config.model.codebook_size=8`): 0.37, and 0.14 at 800
 steps with lr 1e-3 and without `predict_change`, where the decoder ignores the codes.
 """
 

@@ -1,6 +1,6 @@
 """Every benchmark at its CPU preset, each in its own process, collected into one report.
 
-    python benchmarks/run_all.py                      # all but the slow ones: ~25 min on 2 cores
+    python benchmarks/run_all.py                      # all but the slow ones: ~10 min on 2 cores
     python benchmarks/run_all.py --include-slow       # + laq_quality (~9 min of training)
     python benchmarks/run_all.py --only world_render,decode --timeout 300 --out /tmp/report
 
