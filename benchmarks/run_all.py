@@ -113,6 +113,8 @@ def figures(name: str, record: dict) -> list[dict]:
   if name == 'laq_quality':
     per_position = get('perplexity_per_position') or [None]
     return [row(f"LAQ `demo` action purity after {get('steps')} steps", get('action_purity'), 'target 0.7', 0.7),
+            row('LAQ `demo` latent actions before the codebook: linear probe sector accuracy',
+                get('latent_probe_sector_accuracy'), 'the codes\' action purity', get('action_purity')),
             row('LAQ `demo` lowest per-position perplexity', min(per_position),
                 f"target 3/4 of {get('codebook_size')} codes", 0.75 * (get('codebook_size') or 0)),
             row('LAQ `demo` reconstruction PSNR, dB', get('psnr'), f"copying x_t: {_number(get('copy_psnr'))} dB",

@@ -5,8 +5,9 @@
 `pairs.npz` holds `video`: (batch, 2, height, width, channels) float in [0, 1] (x_t, x_{t+H}), or
 the official PyTorch layout (batch, channels, 2, height, width), recognised from the model's image
 size and channels; uint8 frames are scaled to [0, 1]. `codes.npz` gets `indices`
-(batch, code_seq_len) int32, the nearest codes, and `recon` (batch, height, width, channels)
-float32, the decoder's x_{t+H} from x_t and those codes (no training noise).
+(batch, code_seq_len) int32, the nearest codes, `latents` (batch, code_seq_len, quant_dim) float32,
+the latent actions before quantization, and `recon` (batch, height, width, channels) float32, the
+decoder's x_{t+H} from x_t and those codes (no training noise).
 
 WORKDIR is a training workdir or the output of `lapa convert official-laq`: `config.json` plus
 `checkpoints/<step>/`. `load_laq` is the reusable part (the labelling job uses it too).
@@ -81,21 +82,23 @@ def to_model_layout(video: np.ndarray, image_size: int, channels: int, source: s
   return np.clip(video.astype(np.float32), 0.0, 1.0)
 
 
-def infer(model, params, video: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int = 64):
-  """(indices (batch, code_seq_len) int32, recon (batch, H, W, C) float32) for pairs in model layout."""
+def infer(model, params, video: np.ndarray, mesh: jax.sharding.Mesh, batch_size: int = 64) -> dict[str, np.ndarray]:
+  """Pairs in model layout -> {'indices' (batch, code_seq_len) int32, 'latents' (batch, code_seq_len, quant)
+  float32, 'recon' (batch, H, W, C) float32}."""
   devices = sharding.data_parallel_size(mesh)
   batch_size = max(devices, batch_size // devices * devices)
   in_sharding = sharding.batch_sharding(mesh, video.ndim)
-  forward = jax.jit(lambda p, v: model.apply({'params': p}, v))
-  indices, recons = [], []
+  keys = ('indices', 'latents', 'recon')
+  forward = jax.jit(lambda p, v: {key: value for key, value in model.apply({'params': p}, v).items() if key in keys})
+  chunks = {key: [] for key in keys}
   with sharding.use_mesh(mesh):
     for start in tqdm.trange(0, len(video), batch_size, desc='laq-infer', unit='batch', disable=len(video) <= batch_size):
       chunk = video[start:start + batch_size]
       padded = np.concatenate([chunk, np.zeros((-len(chunk) % devices, *chunk.shape[1:]), chunk.dtype)])
-      out = forward(params, jax.device_put(padded, in_sharding))
-      indices.append(np.asarray(out['indices'])[:len(chunk)])
-      recons.append(np.asarray(out['recon'])[:len(chunk)])
-  return np.concatenate(indices).astype(np.int32), np.concatenate(recons).astype(np.float32)
+      for key, value in forward(params, jax.device_put(padded, in_sharding)).items():
+        chunks[key].append(np.asarray(value)[:len(chunk)])
+  return {key: np.concatenate(values).astype(np.int32 if key == 'indices' else np.float32)
+          for key, values in chunks.items()}
 
 
 def write_npz(path: str, **arrays) -> None:
@@ -125,7 +128,7 @@ def main(argv: list[str]) -> int:
     parser.error(str(error))
   mesh = sharding.make_mesh('1,-1,1')
   _, model, params = load_laq(args.checkpoint, mesh, args.step)
-  indices, recon = infer(model, params, video, mesh, args.batch_size)
-  write_npz(args.out, indices=indices, recon=recon)
-  print(f'wrote codes and reconstructions of {len(indices)} pairs to {args.out}')
+  outputs = infer(model, params, video, mesh, args.batch_size)
+  write_npz(args.out, **outputs)
+  print(f'wrote codes, latent actions and reconstructions of {len(video)} pairs to {args.out}')
   return 0

@@ -60,6 +60,12 @@ def test_periodic_schedules():
     laq_stage.revival_due(jnp.int32(0), revival_config(schedule='periodic', every=0))
 
 
+def test_a_pool_smaller_than_the_codebook_names_what_limits_it():
+  config = config_lib.load(f'{CONFIG}:demo', ['--config.model.codebook_size=64'])  # batch 32 x 1 code
+  with pytest.raises(ValueError, match=r'min\(revival.pool, batch_size x model.code_seq_len\) = 32 latents'):
+    laq_stage.make_stage(config)
+
+
 def test_dead_codes_are_counted_per_assignment():
   # 1000 assignments: uniform share 125, threshold 0.1 -> fewer than 12.5 assignments is dead.
   usage = jnp.array([500, 300, 100, 50, 38, 12, 0, 0], jnp.float32)

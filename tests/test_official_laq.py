@@ -141,6 +141,7 @@ def test_convert_and_infer_commands(fixture, tmp_path, capsys):
   assert laq_infer.main(['--checkpoint', str(out_dir), '--pairs', str(pairs), '--out', str(codes)]) == 0
   with np.load(codes) as result:
     np.testing.assert_array_equal(result['indices'], io_arrays['indices'])
+    assert result['latents'].shape == (*io_arrays['indices'].shape, fixture[1].model.quant_dim)
     assert np.abs(result['recon'].transpose(0, 3, 1, 2) - io_arrays['recon']).max() <= 1e-4
   assert convert_cli.main(['no-such-source']) == 2
   assert 'official-laq' in capsys.readouterr().err

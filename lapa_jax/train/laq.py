@@ -247,7 +247,9 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   if config.revival.source not in REVIVAL_SOURCES:
     raise ValueError(f'config field revival.source: expected one of {REVIVAL_SOURCES}, got {config.revival.source!r}')
   if latent_pool_size(config) < config.model.codebook_size:
-    raise ValueError(f'config field revival.pool: keep at least codebook_size={config.model.codebook_size} latents')
+    raise ValueError(f'config field revival.pool: the pool keeps min(revival.pool, batch_size x model.code_seq_len) = '
+                     f'{latent_pool_size(config)} latents, fewer than model.codebook_size={config.model.codebook_size}; '
+                     'raise batch_size or lower model.codebook_size')
   if config.eval.batch_size < 1 or config.eval.num_batches < 1:
     raise ValueError('config fields eval.batch_size and eval.num_batches: expected positive integers')
   statistics = data_lib.shared_statistics(config.data)
