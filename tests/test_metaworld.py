@@ -72,6 +72,27 @@ def test_the_same_seed_gives_the_same_first_frame_and_rollout():
   two.close()
 
 
+def test_episodes_stepped_together_are_the_episodes_run_alone():
+  # The writer runs one episode per worker process at once; the data must not depend on it.
+  envs = [MT3.make(task, max_steps=12) for task in ('reach-v3', 'reach-v3', 'drawer-open-v3')]
+  seeds = [100_000, 100_001, 100_000]
+  together = writer.run_episodes(envs, seeds, noise=0.1)
+  for env, seed, episode in zip(envs, seeds, together):
+    alone = writer.run_episode(env, seed, noise=0.1)
+    assert episode['episode_metadata'] == alone['episode_metadata']
+    assert len(episode['steps']) == len(alone['steps']) > 2
+    for name in ('action', 'language_instruction', 'is_terminal'):
+      assert [np.asarray(step[name]).tolist() for step in episode['steps']] == \
+             [np.asarray(step[name]).tolist() for step in alone['steps']]
+    np.testing.assert_array_equal(np.stack([step['observation']['image'] for step in episode['steps']]),
+                                  np.stack([step['observation']['image'] for step in alone['steps']]))
+  assert not np.array_equal(together[0]['steps'][1]['action'], together[1]['steps'][1]['action'])
+  with pytest.raises(ValueError, match='an env of its own'):
+    writer.run_episodes([envs[0], envs[0]], seeds[:2], noise=0.1)
+  for env in envs:
+    env.close()
+
+
 def test_a_task_without_a_distance_counts_success_as_progress():
   env = suites.parse('metaworld:door-open').make('door-open-v3')  # Meta-World reports obj_to_target 0
   env.reset(1000)

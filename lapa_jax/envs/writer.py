@@ -32,7 +32,7 @@ import sys
 
 import numpy as np
 
-from lapa_jax.envs import expert, render, suites, world
+from lapa_jax.envs import expert, remote, render, suites, world
 from lapa_jax.envs.env import TabletopEnv
 
 DATASET_VERSION = '1.0.0'
@@ -76,15 +76,36 @@ def metaworld_seed(seed: int, embodiment: str, index: int) -> int:
 def run_episode(env, seed: int, noise: float, actions: bool = True) -> dict:
   """One expert episode of `env` (any envs.suites environment) from reset(seed), as an RLDS example:
   {'steps': [step dicts], 'episode_metadata': {...}} (the writer adds the episode's index)."""
-  observation = env.reset(seed)
-  instruction = env.instruction
-  rng = np.random.default_rng([seed, 1])   # the expert's noise, apart from the start
-  steps, done, success = [], False, False
-  while not done:
-    action = env.expert_action(rng, noise)
-    steps.append({'observation': observation, 'action': action})
-    observation, _, done, info = env.step(action)
-    success = info['success']
+  return run_episodes([env], [seed], noise, actions)[0]
+
+
+def run_episodes(envs, seeds, noise: float, actions: bool = True) -> list[dict]:
+  """Expert episodes of several envs, each from reset(its seed), stepped together with
+  `remote.step_many` (Meta-World's worker processes step theirs in parallel). Each episode is the
+  one run_episode gives: it depends only on its env's task and seed."""
+  if len({id(env) for env in envs}) != len(envs):
+    raise ValueError('run_episodes: each episode needs an env of its own')
+  observations = [env.reset(seed) for env, seed in zip(envs, seeds)]
+  instructions = [env.instruction for env in envs]
+  rngs = [np.random.default_rng([seed, 1]) for seed in seeds]   # the expert's noise, apart from the start
+  steps, success = [[] for _ in envs], [False] * len(envs)
+  running = list(range(len(envs)))
+  while running:
+    moves = [(i, envs[i].expert_action(rngs[i], noise)) for i in running]
+    for i, action in moves:
+      steps[i].append({'observation': observations[i], 'action': action})
+    results = remote.step_many([(envs[i], action) for i, action in moves])
+    for (i, _), (observation, _, _, info) in zip(moves, results):
+      observations[i], success[i] = observation, info['success']
+    running = [i for (i, _), (_, _, done, _) in zip(moves, results) if not done]
+  return [_finish(episode, observation, instruction, solved, env.task, seed, actions)
+          for episode, observation, instruction, solved, env, seed
+          in zip(steps, observations, instructions, success, envs, seeds)]
+
+
+def _finish(steps: list[dict], observation, instruction: str, success: bool, task: str, seed: int,
+            actions: bool) -> dict:
+  """Adds the final step (the last observation, a zero move) and the RLDS step fields."""
   final = np.zeros_like(steps[-1]['action'])
   final[6] = steps[-1]['action'][6]   # a zero move; the gripper stays as it was
   steps.append({'observation': observation, 'action': final})
@@ -95,7 +116,7 @@ def run_episode(env, seed: int, noise: float, actions: bool = True) -> dict:
                 discount=1.0)
     if not actions:   # the expert drives the hand too, but human videos carry no actions
       del step['action']
-  return {'steps': steps, 'episode_metadata': {'seed': seed, 'task': env.task, 'success': success}}
+  return {'steps': steps, 'episode_metadata': {'seed': seed, 'task': task, 'success': success}}
 
 
 def rollout(embodiment: str, seed: int, image_size: int = 64, max_steps: int = world.MAX_STEPS,
@@ -254,22 +275,33 @@ def features(settings: Settings):
 
 
 def expert_episodes(settings: Settings, indices):
-  """The expert episodes `indices` of the dataset, each with its index in episode_metadata."""
+  """The expert episodes `indices` of the dataset, each with its index in episode_metadata. Meta-World
+  runs as many episodes at once as there are worker processes (consecutive indices are different
+  tasks, so each has its task's env); the built-in world, in-process, runs one at a time."""
+  together = remote.default_workers() if settings.metaworld else 1
+  indices = list(indices)
   envs = {}
   try:
-    for index in indices:
-      if settings.metaworld:
-        task = settings.suite.tasks[index % len(settings.suite.tasks)]
-        seed = metaworld_seed(settings.seed, settings.embodiment, index // len(settings.suite.tasks))
-      else:
-        task, seed = None, episode_seed(settings.seed, settings.embodiment, index)
-      if task not in envs:   # one env per Meta-World task (a MuJoCo model and a renderer), reused
-        envs[task] = (settings.suite.make(task, image_size=settings.image_size, max_steps=settings.steps_limit)
-                      if settings.metaworld else
-                      TabletopEnv(settings.embodiment, settings.image_size, settings.steps_limit))
-      episode = run_episode(envs[task], seed, settings.expert_noise, actions=settings.actions)
-      episode['episode_metadata']['episode_id'] = index
-      yield episode
+    for start in range(0, len(indices), together):
+      chunk = indices[start:start + together]
+      keys, seeds = [], []
+      for index in chunk:
+        if settings.metaworld:
+          task = settings.suite.tasks[index % len(settings.suite.tasks)]
+          seeds.append(metaworld_seed(settings.seed, settings.embodiment, index // len(settings.suite.tasks)))
+        else:
+          task = None
+          seeds.append(episode_seed(settings.seed, settings.embodiment, index))
+        keys.append((task, sum(key[0] == task for key in keys)))  # a task twice in a chunk: a second env
+      for key in keys:   # one env per Meta-World task (a MuJoCo model and a renderer), reused
+        if key not in envs:
+          envs[key] = (settings.suite.make(key[0], image_size=settings.image_size, max_steps=settings.steps_limit)
+                       if settings.metaworld else
+                       TabletopEnv(settings.embodiment, settings.image_size, settings.steps_limit))
+      episodes = run_episodes([envs[key] for key in keys], seeds, settings.expert_noise, actions=settings.actions)
+      for index, episode in zip(chunk, episodes):
+        episode['episode_metadata']['episode_id'] = index
+        yield episode
   finally:
     for env in envs.values():
       env.close()
