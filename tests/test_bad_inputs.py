@@ -82,15 +82,16 @@ def test_an_unwritable_output_is_one_line(tmp_path, capsys):
 
 
 def test_nan_actions_in_finetuning_data_name_the_shard_and_episode(tmp_path, monkeypatch):
-  run_episode = writer.run_episode
+  run_episodes = writer.run_episodes
 
-  def episode_with_nan(env, seed, *args, **kwargs):
-    episode = run_episode(env, seed, *args, **kwargs)
-    if seed == writer.episode_seed(0, 'robot', 1):
-      episode['steps'][2]['action'] = np.full_like(episode['steps'][2]['action'], np.nan)
-    return episode
+  def episodes_with_nan(envs, seeds, *args, **kwargs):
+    episodes = run_episodes(envs, seeds, *args, **kwargs)
+    for seed, episode in zip(seeds, episodes):
+      if seed == writer.episode_seed(0, 'robot', 1):
+        episode['steps'][2]['action'] = np.full_like(episode['steps'][2]['action'], np.nan)
+    return episodes
 
-  monkeypatch.setattr(writer, 'run_episode', episode_with_nan)
+  monkeypatch.setattr(writer, 'run_episodes', episodes_with_nan)
   path = writer.write_dataset(str(tmp_path), 'robot', episodes=4, image_size=32, max_steps=6, val_fraction=0.25)
   config = pipelines.default_config()
   config.path = path
