@@ -141,7 +141,7 @@ def rollouts(policy: Policy, specs: Sequence[tuple[str, int]], *, suite: suites.
   max_steps = max_steps or suite.max_steps
   envs = [suite.make(kind, image_size=image_size, max_steps=max_steps) for kind, _ in specs]
   try:
-    images = [env.reset(seed)['image'] for env, (_, seed) in zip(envs, specs)]
+    images = [obs['image'] for obs in remote.reset_many([(env, seed) for env, (_, seed) in zip(envs, specs)])]
     episodes = [Episode(kind, seed, env.instruction, start_distance=env.goal_distance(),
                         frames=[image] if index < len(record) and record[index] else None)
                 for index, (env, (kind, seed), image) in enumerate(zip(envs, specs, images))]

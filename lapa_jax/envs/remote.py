@@ -3,8 +3,8 @@
 MuJoCo's headless GL (Mesa's llvmpipe through EGL or OSMesa) crashes with a segmentation fault in a
 process that has loaded TensorFlow (both bring their own LLVM), and the writer and the evaluator
 need TensorFlow. So Meta-World runs in spawned worker processes (a fresh interpreter: no TensorFlow,
-no JAX) and `RemoteEnv` forwards each call. Several workers step their environments in parallel:
-`step_many` sends every action before it waits for any result.
+no JAX) and `RemoteEnv` forwards each call. Several workers reset and step their environments in
+parallel: `reset_many` and `step_many` send every call before they wait for any result.
 
     env = RemoteEnv('drawer-open-v3', image_size=64)      # a MetaWorldEnv in a worker
     obs = env.reset(seed); obs, reward, done, info = env.step(env.expert_action(rng))
@@ -169,17 +169,29 @@ class RemoteEnv:
     self._closed = True
 
 
+def reset_many(pairs: Sequence[tuple[Any, int]]) -> list[dict[str, np.ndarray]]:
+  """env.reset(seed) for every (env, seed), the worker processes resetting theirs in parallel."""
+  return _call_many('reset', [(env, (seed,)) for env, seed in pairs])
+
+
 def step_many(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[dict, float, bool, dict]]:
   """env.step(action) for every (env, action), the worker processes stepping theirs in parallel;
   in-process environments (the built-in world) step in turn."""
-  remote = [(env, action) for env, action in pairs if isinstance(env, RemoteEnv)]
+  return _call_many('step', [(env, (np.asarray(action, np.float32),) if isinstance(env, RemoteEnv) else (action,))
+                             for env, action in pairs])
+
+
+def _call_many(command: str, calls: Sequence[tuple[Any, tuple]]) -> list[Any]:
+  """env.<command>(*args) for every (env, args), each env at most once: every call is sent to the
+  worker processes before any reply is awaited; in-process environments run in turn."""
+  remote = [(env, args) for env, args in calls if isinstance(env, RemoteEnv)]
   workers = {id(env._worker): env._worker for env, _ in remote}
   for worker in workers.values():
     worker.lock.acquire()
   results, errors = {}, []
   try:
-    for env, action in remote:
-      env._worker.send('step', env._key, (np.asarray(action, np.float32),))
+    for env, args in remote:
+      env._worker.send(command, env._key, args)
     for env, _ in remote:  # every reply is read, so that no pipe keeps a stale one after an error
       try:
         results[id(env)] = env._update(env._worker.receive())
@@ -190,4 +202,4 @@ def step_many(pairs: Sequence[tuple[Any, Any]]) -> list[tuple[dict, float, bool,
       worker.lock.release()
   if errors:
     raise errors[0]
-  return [results[id(env)] if isinstance(env, RemoteEnv) else env.step(action) for env, action in pairs]
+  return [results[id(env)] if isinstance(env, RemoteEnv) else getattr(env, command)(*args) for env, args in calls]

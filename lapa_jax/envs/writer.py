@@ -80,12 +80,12 @@ def run_episode(env, seed: int, noise: float, actions: bool = True) -> dict:
 
 
 def run_episodes(envs, seeds, noise: float, actions: bool = True) -> list[dict]:
-  """Expert episodes of several envs, each from reset(its seed), stepped together with
-  `remote.step_many` (Meta-World's worker processes step theirs in parallel). Each episode is the
-  one run_episode gives: it depends only on its env's task and seed."""
+  """Expert episodes of several envs, each from reset(its seed), reset and stepped together
+  (`remote.reset_many`, `step_many`: Meta-World's worker processes run theirs in parallel). Each
+  episode is the one run_episode gives: it depends only on its env's task and seed."""
   if len({id(env) for env in envs}) != len(envs):
     raise ValueError('run_episodes: each episode needs an env of its own')
-  observations = [env.reset(seed) for env, seed in zip(envs, seeds)]
+  observations = remote.reset_many(list(zip(envs, seeds)))
   instructions = [env.instruction for env in envs]
   rngs = [np.random.default_rng([seed, 1]) for seed in seeds]   # the expert's noise, apart from the start
   steps, success = [[] for _ in envs], [False] * len(envs)
