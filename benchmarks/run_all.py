@@ -1,7 +1,7 @@
 """Every benchmark at its CPU preset, each in its own process, collected into one report.
 
     python benchmarks/run_all.py                      # all but the slow ones: ~10 min on 2 cores
-    python benchmarks/run_all.py --include-slow       # + laq_quality (~9 min of training)
+    python benchmarks/run_all.py --include-slow       # + laq_quality (~11 min: 644 s in REPORT.md)
     python benchmarks/run_all.py --only world_render,decode --timeout 300 --out /tmp/report
 
 Runs each benchmark in benchmarks/ with the arguments of RUNS (the CPU settings of its docstring),
@@ -52,7 +52,7 @@ RUNS = [
     ('label', [], 3, 'always'),
     ('serve', [], 3, 'always'),
     ('compile_7b', [], 5, 'always'),
-    ('laq_quality', ['--workdir', '{scratch}/laq_quality'], 10, 'slow'),
+    ('laq_quality', ['--workdir', '{scratch}/laq_quality'], 11, 'slow'),
     ('paper_table', ['--out', '{scratch}/paper_table'], 90, 'named'),
 ]
 
@@ -261,7 +261,7 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   names = sorted({name for name, *_ in RUNS})
   parser.add_argument('--only', help=f"comma-separated benchmarks, of {','.join(names)}")
-  parser.add_argument('--include-slow', action='store_true', help='also laq_quality (~9 min of training)')
+  parser.add_argument('--include-slow', action='store_true', help='also laq_quality (~11 min)')
   parser.add_argument('--out', default=HERE, help='directory of REPORT.md and REPORT.json (default benchmarks/)')
   parser.add_argument('--timeout', type=float, help="seconds per benchmark (default: 3 x its rough minutes "
                       "in RUNS, at least 10 minutes)")
